@@ -1,0 +1,92 @@
+"""Defense data, Levels 1-3 (paper §5, App. C.2).
+
+* Level 1: public data held out from every client and from evaluation (``Federation.heldout``):
+  harmful prompts with safe responses (``data.defense_aligned``) and normal pairs (``data.defense_normal``).
+* Level 2: an external LLM generates harmful and normal instructions with the paper's prompts, safe
+  responses with the paper's suffix and normal responses without one.
+* Level 3: the aggregated global model itself generates them (self-alignment).
+
+Generated aligned responses can be filtered with the refusal judge (``filter_refusals``): only those the
+judge counts as refusals are kept (the paper's released data kept artefacts such as "I apologize for the
+previous response"). Every count is recorded in the provenance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+
+from ..assets import cache_dir
+from ..data.records import Record
+from ..errors import FedsafeError
+from ..io import atomic_write_json, read_jsonl, write_jsonl
+from ..llm.synth import (HARMFUL_INSTRUCTION_PROMPT, NORMAL_INSTRUCTION_PROMPT, SAFE_SUFFIX,
+                         generate_instructions, generate_responses)
+
+
+def split_counts(n: int, aligned_ratio: float) -> tuple[int, int]:
+    na = int(round(n * aligned_ratio))
+    return na, n - na
+
+
+def level1(fed, aligned_spec: str, normal_spec: str, n: int, aligned_ratio: float, seed: int) -> tuple[list[Record], dict]:
+    na, nn = split_counts(n, aligned_ratio)
+    pa = [r for r in fed.heldout.get(aligned_spec, []) if r.kind == "aligned"]
+    pn = [r for r in fed.heldout.get(normal_spec, []) if r.kind == "normal"]
+    if na > len(pa) or nn > len(pn):
+        raise FedsafeError(
+            f"defense Level 1 needs {na} aligned ({aligned_spec}) and {nn} normal ({normal_spec}) held-out records, "
+            f"but only {len(pa)} and {len(pn)} are left after client and evaluation data; lower defense.n"
+        )
+    rng = random.Random(seed)
+    recs = rng.sample(pa, na) + rng.sample(pn, nn)
+    rng.shuffle(recs)
+    return recs, {"level": 1, "aligned_source": aligned_spec, "normal_source": normal_spec,
+                  "aligned": na, "normal": nn, "pool_aligned": len(pa), "pool_normal": len(pn)}
+
+
+def generated(generator, n: int, aligned_ratio: float, *, seed: int, filter_refusals: bool, judge: str = "rule",
+              max_new_tokens: int = 128, source: str = "generated", exclude: set[str] | None = None,
+              cache_key: dict | None = None) -> tuple[list[Record], dict]:
+    """Levels 2/3: instructions and responses from ``generator`` with the paper's prompts."""
+    cache = None
+    if cache_key is not None:
+        key = hashlib.sha256(json.dumps(dict(cache_key, n=n, ratio=aligned_ratio, seed=seed, filter=filter_refusals,
+                                             judge=judge, max_new_tokens=max_new_tokens), sort_keys=True).encode()).hexdigest()[:24]
+        cache = cache_dir() / "defense_data" / f"{key}.jsonl"
+        if cache.exists() and cache.with_suffix(".json").exists():
+            recs = [Record.from_dict(r) for r in read_jsonl(cache)]
+            return recs, json.loads(cache.with_suffix(".json").read_text())
+    na, nn = split_counts(n, aligned_ratio)
+    prov: dict = {"aligned_requested": na, "normal_requested": nn, "instruction_prompts": {
+        "harmful": HARMFUL_INSTRUCTION_PROMPT, "normal": NORMAL_INSTRUCTION_PROMPT}, "safe_suffix": SAFE_SUFFIX}
+    recs: list[Record] = []
+    if na:
+        want = int(na * 2) + 8 if filter_refusals else na
+        ins, st = generate_instructions(generator, HARMFUL_INSTRUCTION_PROMPT, want, seed=seed, exclude=exclude)
+        resp = generate_responses(generator, ins, SAFE_SUFFIX, max_new_tokens=max_new_tokens, seed=seed)
+        pairs = [(i, r) for i, r in zip(ins, resp) if r.strip()]
+        prov["aligned_generated"] = len(pairs)
+        if filter_refusals:
+            from ..eval.judges import get_judge
+
+            v = get_judge(judge).judge([p[0] for p in pairs], [p[1] for p in pairs])
+            pairs = [p for p, x in zip(pairs, v) if x.label == "safe"]
+            prov["aligned_after_refusal_filter"] = len(pairs)
+        recs += [Record(instruction=i, response=r, kind="aligned", source=f"{source}-aligned") for i, r in pairs[:na]]
+    if nn:
+        ins, st = generate_instructions(generator, NORMAL_INSTRUCTION_PROMPT, nn, seed=seed + 1, exclude=exclude)
+        resp = generate_responses(generator, ins, "", max_new_tokens=max_new_tokens, seed=seed)
+        recs += [Record(instruction=i, response=r, kind="normal", source=f"{source}-normal")
+                 for i, r in zip(ins, resp) if r.strip()]
+    prov["aligned"] = sum(r.kind == "aligned" for r in recs)
+    prov["normal"] = sum(r.kind == "normal" for r in recs)
+    if prov["aligned"] == 0 and na:
+        raise FedsafeError("the generator produced no usable safe responses (all filtered); "
+                           "use another generator or defense.filter_refusals=false")
+    random.Random(seed).shuffle(recs)
+    if cache is not None:
+        write_jsonl(cache, [r.to_dict() for r in recs])
+        atomic_write_json(cache.with_suffix(".json"), prov)
+    return recs, prov

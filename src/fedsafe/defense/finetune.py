@@ -1,0 +1,193 @@
+"""Server-side safety fine-tuning of the global adapter (paper §5) and ``fedsafe defend``.
+
+``defend_run(SOURCE_RUN, level=..)`` loads the source run's final adapter (any aggregator, any engine:
+it only needs ``config.yaml`` and ``final_adapter/``), builds the defense data, and continues training
+the LoRA for ``steps`` steps at ``batch_size`` with a cosine learning rate from ``lr`` to ``lr_min``
+across the steps (the paper used 50 "rounds" of 10 steps with a cosine over rounds and an optimiser reset
+every 10 steps; ``restart_every=10`` reproduces that). Checkpoints every ``checkpoint_every`` steps
+(adapter + optimiser state, atomic, checksummed) make it resumable; each checkpoint can be evaluated
+for the steps sweep (paper Fig. 6). The result is a new run directory linked to its source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import RunConfig, dump_yaml
+from ..errors import FedsafeError
+from ..fl import checkpoint
+from ..fl.engine import derive_seed
+from ..fl.train import train_local
+from ..io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
+
+
+def cosine_lr(step: int, total: int, lr: float, lr_min: float) -> float:
+    if total <= 1:
+        return lr
+    return lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * step / total))
+
+
+def finetune(rt, start_vec: torch.Tensor, records, *, steps: int, batch_size: int, lr: float, lr_min: float,
+             checkpoint_every: int, out_dir: Path, seed: int, autocast: str = "none", restart_every: int = 0,
+             progress: bool = True, on_checkpoint=None) -> torch.Tensor:
+    """Continue training ``start_vec`` on ``records``; resumes from ``out_dir/checkpoints`` if present."""
+    out_dir = Path(out_dir)
+    examples = rt.tokenize(records)
+    if not examples:
+        raise FedsafeError("no defense examples to train on")
+    vec, opt_state, done = start_vec.clone(), None, 0
+    found = checkpoint.latest_complete(out_dir)
+    if found is not None:
+        sd = checkpoint.load(found[1])
+        vec, opt_state, done = sd["global"], sd.get("opt"), int(sd["round"])
+        rows = [r for r in read_jsonl(out_dir / "metrics.jsonl", tolerate_torn_tail=True) if r["step"] <= done] \
+            if (out_dir / "metrics.jsonl").exists() else []
+        write_jsonl(out_dir / "metrics.jsonl", rows)
+    chunk = max(1, min(checkpoint_every, restart_every or checkpoint_every))
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]defense fine-tune"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[info]}"), disable=not progress) as prog:
+        task = prog.add_task("defense", total=steps, completed=done, info="")
+        while done < steps:
+            k = min(chunk, steps - done)
+            gen = torch.Generator().manual_seed(derive_seed(seed, done, 99))
+            torch.manual_seed(derive_seed(seed, done, 98))
+            rt.handle.set_flat(vec)
+            base = done
+            if restart_every and done % restart_every == 0:
+                opt_state = None
+            res, opt_state = train_local(
+                rt.handle, examples, steps=k, batch_size=batch_size, grad_accum=1, lr=lr, pad_id=rt.pad_id,
+                device=rt.device, gen=gen, autocast=autocast, optimizer_state=opt_state,
+                lr_fn=lambda s, b=base: cosine_lr(b + s, steps, lr, lr_min),
+            )
+            vec = rt.handle.get_flat()
+            done += k
+            append_jsonl(out_dir / "metrics.jsonl", {"step": done, "loss": res.loss,
+                                                     "lr": cosine_lr(done - 1, steps, lr, lr_min)})
+            if done % checkpoint_every == 0 or done == steps:
+                checkpoint.save(out_dir, done, {"round": done, "global": vec.clone(), "opt": opt_state})
+                if on_checkpoint is not None:
+                    on_checkpoint(done, vec)
+            prog.update(task, completed=done, info=f"loss {res.loss:.3f}")
+    return vec
+
+
+def defend_run(source: str | Path, *, level: int | None = None, steps: int | None = None, n: int | None = None,
+               out: str | Path | None = None, generator: str | None = None, sweep: bool = False,
+               progress: bool = True, evaluate: bool = True, cfg_overrides: dict | None = None) -> Path:
+    """Run the post-hoc defense on a finished run; returns the new run directory."""
+    from ..data.partition import build_federation
+    from ..eval.runner import evaluate_adapter, evaluate_run
+    from ..fl.run import load_run_config
+    from ..runtime import get_runtime
+
+    source = Path(source)
+    if not (source / "final_adapter" / "adapter_model.safetensors").exists():
+        raise FedsafeError(f"{source} has no final adapter (final_adapter/adapter_model.safetensors); "
+                           "finish or resume that run first")
+    cfg = load_run_config(source)
+    d = cfg.defense
+    d = dataclasses.replace(d, enabled=True, level=level or d.level, steps=steps or d.steps, n=n or d.n,
+                            generator=generator if generator is not None else d.generator, **(cfg_overrides or {}))
+    if d.level not in (1, 2, 3):
+        raise FedsafeError(f"--level must be 1, 2 or 3, got {d.level}")
+    if d.steps <= 0 or d.n <= 0:
+        raise FedsafeError("--steps and -n must be positive")
+    cfg = dataclasses.replace(cfg, defense=d, name=f"{cfg.name}+defense-L{d.level}")
+    fed = build_federation(cfg.data, seed=cfg.seed)
+    rt = get_runtime(cfg.model, cfg.lora)
+    start = rt.handle.load_adapter_dir(source / "final_adapter")
+    if out is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = source.parent / f"{source.name}-defense-L{d.level}-{stamp}"
+    out = Path(out)
+    resuming = (out / "defense.json").exists()
+    out.mkdir(parents=True, exist_ok=True)
+    if resuming:
+        from ..data.records import Record
+
+        records = [Record.from_dict(r) for r in read_jsonl(out / "defense_data.jsonl")]
+        prov = __import__("json").loads((out / "defense.json").read_text())["data"]
+    else:
+        records, prov = build_defense_records(cfg, fed, rt, start, progress=progress)
+        _check_disjoint(records, fed)
+        write_jsonl(out / "defense_data.jsonl", [r.to_dict() for r in records])
+        atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+        atomic_write_json(out / "defense.json", {"source_run": str(source.resolve()), "level": d.level,
+                                                 "steps": d.steps, "n": len(records), "data": prov})
+    sweep_rows = []
+
+    def on_ckpt(step, vec):
+        if sweep and evaluate and step < d.steps:
+            e = cfg.eval
+            r = evaluate_adapter(rt, vec, fed.eval_harmful[: e.harmful_n or None], fed.eval_benign[: e.benign_n or None],
+                                 judge=e.judge, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, seed=cfg.seed)
+            sweep_rows.append({"step": step, **_brief(r)})
+            append_jsonl(out / "steps_sweep.jsonl", sweep_rows[-1])
+
+    vec = finetune(rt, start, records, steps=d.steps, batch_size=d.batch_size, lr=d.lr, lr_min=d.lr_min,
+                   checkpoint_every=d.checkpoint_every, out_dir=out, seed=cfg.seed, autocast=cfg.model.autocast,
+                   progress=progress, on_checkpoint=on_ckpt)
+    rt.handle.save_adapter(out / "final_adapter", vec)
+    if evaluate:
+        res = evaluate_run(out, cfg=cfg, fed=fed, rt=rt, progress=progress, vec=vec)
+        if sweep:
+            append_jsonl(out / "steps_sweep.jsonl", {"step": d.steps, **_brief(res)})
+    return out
+
+
+def _brief(r: dict) -> dict:
+    return {"refusal": r.get("refusal", {}).get("rate"), "false_refusal": r.get("false_refusal", {}).get("rate"),
+            "ref_nll": r.get("ref_nll")}
+
+
+def build_defense_records(cfg: RunConfig, fed, rt, global_vec: torch.Tensor, progress: bool = True):
+    from . import data as ddata
+
+    d = cfg.defense
+    if d.level == 1:
+        return ddata.level1(fed, cfg.data.defense_aligned, cfg.data.defense_normal, d.n, d.aligned_ratio, cfg.seed)
+    exclude = {r.instruction.lower() for r in fed.eval_harmful + fed.eval_benign}
+    if d.level == 2:
+        from ..llm.synth import make_generator
+
+        spec = d.generator or "smollm2-135m-instruct"
+        gen = make_generator(spec, progress=progress)
+        recs, prov = ddata.generated(gen, d.n, d.aligned_ratio, seed=cfg.seed, filter_refusals=d.filter_refusals,
+                                     source=f"L2:{spec}", exclude=exclude,
+                                     cache_key=None if spec.startswith("endpoint:") else {"gen": spec, "level": 2})
+        prov.update(level=2, generator=spec)
+        return recs, prov
+    # Level 3: the aggregated global model generates its own defense data (self-alignment)
+    from functools import partial
+
+    from ..data.templates import format_prompt
+    from ..llm.hf import HFGenerator
+
+    rt.handle.set_flat(global_vec)
+    gen = HFGenerator(rt.model, rt.tokenizer, partial(format_prompt, cfg.model.template, rt.tokenizer),
+                      batch_size=cfg.eval.batch_size, progress=progress)
+    recs, prov = ddata.generated(gen, d.n, d.aligned_ratio, seed=cfg.seed, filter_refusals=d.filter_refusals,
+                                 source="L3:self", exclude=exclude)
+    prov.update(level=3, generator="the aggregated global model (self-alignment)")
+    return recs, prov
+
+
+def _check_disjoint(records, fed) -> None:
+    from ..data.contamination import check_contamination
+
+    overlaps = check_contamination(fed.eval_harmful + fed.eval_benign, {"defense": records})
+    if overlaps and not fed_allow(fed):
+        raise FedsafeError(f"defense data overlaps {len(overlaps)} evaluation prompts (e.g. {overlaps[0]}); "
+                           "set data.allow_contamination=true to override")
+
+
+def fed_allow(fed) -> bool:
+    return bool(getattr(fed, "allow_contamination", False))

@@ -1,0 +1,86 @@
+"""``fedsafe eval TARGET``: evaluate a run directory, a peft adapter directory, or a plain model.
+
+TARGET kinds: a run directory (its config gives model, template and LoRA; its ``final_adapter`` is
+evaluated), an adapter directory (``adapter_config.json``; base model from it or ``--model``), or a model
+name/path (evaluated without an adapter). Benchmarks: an embedded prompt source (``strongreject``,
+``harmbench``, ``donotanswer``, ...), ``hf:...`` when online, or a CSV/JSONL/JSON file with a column.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..config import LoraConfig, ModelConfig
+from ..data.records import Record
+from ..errors import FedsafeError
+from ..io import atomic_write_json
+
+
+def _bench_records(bench: str, column: str | None, limit: int | None) -> list[Record]:
+    p = Path(bench)
+    if p.suffix.lower() in (".csv", ".jsonl", ".json", ".tsv") or p.exists():
+        from .prompts import load_prompt_file
+
+        prompts = load_prompt_file(p, column)
+        recs = [Record(instruction=x, response="", kind="prompt", source=f"file:{p.name}") for x in prompts]
+    else:
+        from ..data.sources import load_source
+
+        recs = list(load_source(bench))
+    return recs[:limit] if limit else recs
+
+
+def resolve_target(target: str, model: str | None, template: str | None):
+    """-> (ModelConfig, LoraConfig | None, adapter_dir | None, label)."""
+    t = Path(target)
+    if (t / "config.yaml").exists():
+        from ..fl.run import load_run_config
+
+        cfg = load_run_config(t)
+        ad = t / "final_adapter"
+        if not (ad / "adapter_model.safetensors").exists():
+            raise FedsafeError(f"{t} has no final_adapter yet; finish or resume the run first")
+        mc = cfg.model
+        if template:
+            mc.template = template
+        return mc, cfg.lora, ad, t.name
+    if (t / "adapter_config.json").exists():
+        ac = json.loads((t / "adapter_config.json").read_text())
+        base = model or ac.get("base_model_name_or_path")
+        if not base:
+            raise FedsafeError(f"{t}: adapter_config.json names no base model; pass --model")
+        tm = ac.get("target_modules") or ["q_proj", "v_proj"]
+        tm = sorted(tm) if isinstance(tm, list) else [tm]
+        lc = LoraConfig(r=int(ac.get("r", 8)), alpha=int(ac.get("lora_alpha", 16)), dropout=0.0, target_modules=tm)
+        return ModelConfig(name=base, template=template or "chat"), lc, t, t.name
+    return ModelConfig(name=model or target, template=template or "chat"), None, None, target
+
+
+def evaluate_target(target: str, *, bench: str = "strongreject", benign: str | None = None, judge: str = "rule",
+                    column: str | None = None, limit: int | None = None, model: str | None = None,
+                    template: str | None = None, samples: int = 1, temperature: float = 0.0,
+                    max_new_tokens: int = 64, batch_size: int = 16, seed: int = 0, out: str | Path | None = None,
+                    progress: bool = True) -> dict:
+    from ..runtime import get_runtime
+    from .runner import evaluate_adapter
+
+    mc, lc, adapter, label = resolve_target(target, model, template)
+    harmful = _bench_records(bench, column, limit)
+    benign_recs = _bench_records(benign, None, limit) if benign else []
+    if lc is None:
+        lc = LoraConfig(r=1, alpha=1, dropout=0.0)
+    rt = get_runtime(mc, lc)
+    vec = rt.handle.load_adapter_dir(adapter) if adapter is not None else None
+    if out is None:
+        base = Path(target) if Path(target).is_dir() else Path(".")
+        out = base / f"eval-{Path(bench).stem}-{judge}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(out)
+    res = evaluate_adapter(rt, vec, harmful, benign_recs, judge=judge, max_new_tokens=max_new_tokens,
+                           temperature=temperature, samples=samples, batch_size=batch_size, seed=seed,
+                           progress=progress, out_dir=out)
+    res.update(target=str(target), model=mc.name, template=mc.template, bench=bench, benign_bench=benign)
+    atomic_write_json(out / "results.json", res)
+    res["out_dir"] = str(out)
+    return res

@@ -1,0 +1,1 @@
+"""Federated instruction tuning: client training, server loop, server optimisers, checkpoints."""

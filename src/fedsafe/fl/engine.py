@@ -1,0 +1,254 @@
+"""The in-process federated engine: K clients, m sampled per round, R rounds, one shared base model.
+
+Round t (0-based):
+  1. lr_t = cosine(t) (constant within the round, as the paper);
+  2. sample m clients with a generator seeded by (seed, t) -> reproducible and resumable;
+  3. each sampled client starts from the global adapter, runs ``local_steps`` AdamW steps on its own
+     pre-tokenised data (benign and malicious clients share this code path), and returns its adapter;
+  4. every reply is validated (keys, shapes, dtype, NaN/Inf, norm); rejected ones are logged and dropped;
+  5. the robust rule aggregates the deltas (or raw weights, ``fl.aggregate_on``), the server optimiser
+     moves the global adapter; forensics (norms, cosines, per-client weights, true labels) are logged;
+  6. ``metrics.jsonl`` gets one line, a checksummed checkpoint is written atomically.
+
+Every source of randomness in a round is seeded from (seed, round, client), so a run resumed from its
+last complete checkpoint ends with the same adapter as an uninterrupted one (CPU).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .. import aggregators
+from ..config import RunConfig
+from ..errors import FedsafeError
+from ..io import append_jsonl, atomic_write_json, read_jsonl, write_jsonl
+from ..runtime import Runtime, get_runtime
+from . import checkpoint
+from .server_opt import ScaffoldState, ServerOptimizer
+from .train import lr_at_round, train_local
+from .updates import RejectedUpdate, validate_state
+
+UpdateHook = Callable[[int, int, dict], dict]
+
+
+def derive_seed(*parts: int) -> int:
+    """A stable 63-bit seed from integers (no Python hash randomisation)."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
+    return h
+
+
+def sample_clients(seed: int, rnd: int, num_clients: int, m: int, malicious: list[int], mode: str) -> list[int]:
+    rng = random.Random(derive_seed(seed, rnd, 7))
+    if mode == "stratified" and malicious:
+        n_mal = round(m * len(malicious) / num_clients)
+        benign = [i for i in range(num_clients) if i not in set(malicious)]
+        chosen = rng.sample(malicious, min(n_mal, len(malicious))) + rng.sample(benign, m - min(n_mal, len(malicious)))
+        return sorted(chosen)
+    return sorted(rng.sample(range(num_clients), m))
+
+
+class Engine:
+    """Runs one federation into ``run_dir``. Use :meth:`fedsafe.fl.run.start_run` / ``resume_run``."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, fed, rt: Runtime | None = None, *,
+                 progress: bool = True, update_hook: UpdateHook | None = None,
+                 round_callback: Callable[[int, torch.Tensor], dict | None] | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.fed = fed
+        self.rt = rt or get_runtime(cfg.model, cfg.lora)
+        self.progress = progress
+        self.update_hook = update_hook
+        self.round_callback = round_callback
+        fl = cfg.fl
+        self.K = len(fed.clients)
+        self.malicious = list(fed.malicious_ids)
+        self.examples = [self.rt.tokenize(c.records) for c in fed.clients]
+        self.sizes = [len(c.records) for c in fed.clients]
+        for c, ex in zip(fed.clients, self.examples):
+            if not ex:
+                raise FedsafeError(f"client {c.id} has no training examples")
+        h = self.rt.handle
+        self.keys = [n.replace(".default", "") for n in h.names]
+        self.shapes = h.shapes
+        self.server = ServerOptimizer(fl.fed_alg, fl.server_lr, fl.server_momentum, fl.beta1, fl.beta2, fl.tau)
+        self.scaffold: ScaffoldState | None = None
+        self.agg_state: dict = {}
+        self.client_opt: dict[int, dict] = {}
+        self.global_vec: torch.Tensor = self.rt.init_vec(cfg.seed)
+        self.start_round = 0
+        self.agg_params = dict(fl.aggregator_params)
+        if fl.oracle and "f" not in self.agg_params:
+            self.agg_params["f"] = round(fl.sample_clients * len(self.malicious) / self.K)
+        self.rule = aggregators.REGISTRY[fl.aggregator]
+        if fl.fed_alg == "scaffold":
+            self.scaffold = ScaffoldState(c=torch.zeros_like(self.global_vec))
+        self.root_fn = None  # set by callers that need a server root update (FLTrust)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self, rnd: int) -> dict:
+        return {
+            "round": rnd,
+            "global": self.global_vec.clone(),
+            "server": self.server.state_dict(),
+            "scaffold": self.scaffold.state_dict() if self.scaffold else None,
+            "agg_state": self.agg_state,
+            "client_opt": self.client_opt if not self.cfg.fl.reset_optimizer else {},
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.global_vec = sd["global"].clone()
+        self.server.load_state_dict(sd["server"])
+        if sd.get("scaffold"):
+            self.scaffold = ScaffoldState.from_state_dict(sd["scaffold"])
+        self.agg_state = sd.get("agg_state") or {}
+        self.client_opt = sd.get("client_opt") or {}
+        self.start_round = int(sd["round"]) + 1
+
+    def try_resume(self) -> int:
+        """Load the newest complete checkpoint; drop metrics lines of rounds after it. Returns next round."""
+        found = checkpoint.latest_complete(self.run_dir)
+        if found is None:
+            self.start_round = 0
+            for f in ("metrics.jsonl", "forensics.jsonl"):
+                (self.run_dir / f).unlink(missing_ok=True)
+            return 0
+        rnd, path = found
+        self.load_state_dict(checkpoint.load(path))
+        for f in ("metrics.jsonl", "forensics.jsonl"):
+            p = self.run_dir / f
+            if p.exists():
+                rows = [r for r in read_jsonl(p, tolerate_torn_tail=True) if int(r.get("round", -1)) <= rnd]
+                write_jsonl(p, rows)
+        return self.start_round
+
+    # ------------------------------------------------------------------ one client
+    def client_update(self, cid: int, rnd: int, lr: float) -> tuple[dict, dict]:
+        """Train client ``cid`` from the global adapter; returns (adapter state dict, metrics)."""
+        fl, rt = self.cfg.fl, self.rt
+        seed = derive_seed(self.cfg.seed, rnd, cid)
+        torch.manual_seed(seed)  # LoRA dropout
+        gen = torch.Generator().manual_seed(seed)
+        rt.handle.set_flat(self.global_vec)
+        prox = fl.prox_mu if fl.fed_alg == "fedprox" else 0.0
+        corr = self.scaffold.correction(cid) if self.scaffold else None
+        t0 = time.time()
+        res, opt_state = train_local(
+            rt.handle, self.examples[cid], steps=fl.local_steps, batch_size=fl.batch_size, grad_accum=fl.grad_accum,
+            lr=lr, pad_id=rt.pad_id, device=rt.device, gen=gen, weight_decay=fl.weight_decay,
+            max_grad_norm=fl.max_grad_norm, autocast=self.cfg.model.autocast,
+            optimizer_state=None if fl.reset_optimizer else self.client_opt.get(cid),
+            prox_mu=prox, prox_center=self.global_vec if prox else None, grad_correction=corr,
+        )
+        if not fl.reset_optimizer:
+            self.client_opt[cid] = opt_state
+        y = rt.handle.get_flat()
+        if cid in self.malicious:
+            y = self._malicious_behaviour(y, gen)
+        metrics = {"loss": res.loss, "tokens": res.tokens, "seconds": time.time() - t0}
+        return rt.handle.state_dict(y), metrics
+
+    def _malicious_behaviour(self, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Classical model-poisoning baselines, for comparison with the paper's data-only attack."""
+        a = self.cfg.attack
+        d = y - self.global_vec
+        if a.behaviour == "sign_flip":
+            d = -d
+        elif a.behaviour == "scale":
+            d = d * a.scale
+        elif a.behaviour == "gaussian":
+            d = torch.randn(d.shape, generator=gen) * a.noise_std
+        else:
+            return y
+        return self.global_vec + d
+
+    # ------------------------------------------------------------------ rounds
+    def run(self) -> torch.Tensor:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        fl = self.cfg.fl
+        cols = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("{task.fields[info]}")]
+        with Progress(*cols, disable=not self.progress, transient=False) as prog:
+            task = prog.add_task(self.cfg.name, total=fl.rounds, completed=self.start_round, info="")
+            for rnd in range(self.start_round, fl.rounds):
+                row = self.run_round(rnd)
+                loss = row.get("train_loss")
+                prog.update(task, advance=1, info=f"loss {loss:.3f}" if loss is not None else "skipped")
+        return self.global_vec
+
+    def run_round(self, rnd: int) -> dict:
+        fl = self.cfg.fl
+        t0 = time.time()
+        lr = lr_at_round(rnd, fl.rounds, fl.lr, fl.lr_min, fl.lr_schedule)
+        sampled = sample_clients(self.cfg.seed, rnd, self.K, fl.sample_clients, self.malicious, fl.sampling)
+        vecs, ids, losses, rejected, dcs = [], [], {}, {}, []
+        for cid in sampled:
+            sd, m = self.client_update(cid, rnd, lr)
+            if self.update_hook is not None:
+                sd = self.update_hook(cid, rnd, sd)
+            try:
+                vec = validate_state(sd, self.keys, self.shapes, self.global_vec, fl.max_update_norm)
+            except RejectedUpdate as e:
+                rejected[cid] = str(e)
+                continue
+            if cid in ids:
+                rejected[cid] = "duplicate client id in this round"
+                continue
+            vecs.append(vec)
+            ids.append(cid)
+            losses[cid] = m["loss"]
+            if self.scaffold is not None:
+                dcs.append(self.scaffold.client_update(cid, self.global_vec, vec, fl.local_steps, lr))
+        row = {"round": rnd, "lr": lr, "sampled": sampled, "malicious": [c for c in sampled if c in self.malicious],
+               "client_loss": {str(k): v for k, v in losses.items()}}
+        if rejected:
+            row["rejected"] = {str(k): v for k, v in rejected.items()}
+        if len(vecs) < max(1, fl.min_clients):
+            row["skipped"] = f"only {len(vecs)} valid updates (fl.min_clients={fl.min_clients}); global adapter unchanged"
+            row["train_loss"] = None
+        else:
+            self._aggregate(rnd, ids, vecs, row)
+            if self.scaffold is not None:
+                self.scaffold.server_update(dcs, self.K)
+            row["train_loss"] = sum(losses.values()) / len(losses)
+        if self.round_callback is not None:
+            extra = self.round_callback(rnd, self.global_vec)
+            if extra:
+                row.update(extra)
+        row["seconds"] = round(time.time() - t0, 3)
+        append_jsonl(self.run_dir / "metrics.jsonl", row)
+        last = rnd == fl.rounds - 1
+        if last or (rnd + 1) % fl.checkpoint_every == 0:
+            checkpoint.save(self.run_dir, rnd, self.state_dict(rnd))
+            checkpoint.prune(self.run_dir, fl.keep_checkpoints)
+        return row
+
+    def _aggregate(self, rnd: int, ids: list[int], vecs: list[torch.Tensor], row: dict) -> None:
+        fl = self.cfg.fl
+        X = torch.stack(vecs)
+        on_weights = fl.aggregate_on == "weights"
+        U = X if on_weights else X - self.global_vec
+        w = torch.tensor([float(self.sizes[c]) for c in ids]) if fl.weighted else None
+        params = dict(self.agg_params, client_ids=ids, round=rnd)
+        if self.root_fn is not None:
+            root = self.root_fn(rnd, self.global_vec)
+            params["root_update"] = root if not on_weights else root + self.global_vec
+        res = self.rule(U, w, state=self.agg_state, **params)
+        agg = res.aggregate - self.global_vec if on_weights else res.aggregate
+        fx = aggregators.forensics(X - self.global_vec)  # deltas from this round's starting point
+        self.global_vec = self.server.step(self.global_vec, agg)
+        row["client_weights"] = {str(c): float(v) for c, v in zip(ids, res.client_weights)}
+        row["agg_norm"] = float(agg.norm())
+        append_jsonl(self.run_dir / "forensics.jsonl", {
+            "round": rnd, "clients": ids, "malicious": [c in self.malicious for c in ids],
+            "norms": fx["norms"], "cosine": fx["cosine"], "client_weights": [float(v) for v in res.client_weights],
+            "aggregator": fl.aggregator, "info": res.info,
+        })

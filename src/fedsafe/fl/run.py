@@ -1,0 +1,133 @@
+"""Run directories: create, resume, finish.
+
+A run directory holds: ``config.yaml`` (resolved), ``clients.json`` (composition and the malicious
+ground truth, for forensics only: no defense reads it unless ``fl.oracle``), ``data_manifest.json``
+(record ids per client and held-out set), ``metrics.jsonl``, ``forensics.jsonl``, ``checkpoints/``,
+``final_adapter/`` (a peft adapter directory), and, after evaluation, ``eval/`` and ``results.json``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import yaml
+
+from ..config import RunConfig, dump_yaml, from_dict
+from ..errors import FedsafeError
+from ..io import atomic_write_json, atomic_write_text
+from ..runtime import get_runtime
+from .engine import Engine
+
+
+def new_run_dir(cfg: RunConfig, run_dir: str | Path | None = None, overwrite: bool = False) -> Path:
+    """A fresh directory; never reuses an existing one unless ``overwrite``."""
+    if run_dir is not None:
+        d = Path(run_dir)
+        if d.exists() and any(d.iterdir()):
+            if not overwrite:
+                raise FedsafeError(f"{d} already exists and is not empty; pass --overwrite or --resume {d}")
+            import shutil
+
+            shutil.rmtree(d)
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(cfg.output_dir) / f"{cfg.name}-{stamp}"
+    d, i = base, 2
+    while d.exists():
+        d = base.with_name(f"{base.name}-{i}")
+        i += 1
+    d.mkdir(parents=True)
+    return d
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    p = Path(run_dir) / "config.yaml"
+    if not p.exists():
+        raise FedsafeError(f"{run_dir} is not a run directory (no config.yaml)")
+    return from_dict(RunConfig, yaml.safe_load(p.read_text()), "config.yaml").validate()
+
+
+def build_engine(cfg: RunConfig, run_dir: Path, *, progress: bool = True, **kw) -> Engine:
+    from ..data.partition import build_federation
+
+    fed = build_federation(cfg.data, seed=cfg.seed)
+    _apply_benign_mix(cfg, fed)
+    rt = get_runtime(cfg.model, cfg.lora)
+    if "round_callback" not in kw:
+        from ..eval.runner import make_monitor
+
+        kw["round_callback"] = make_monitor(cfg, fed, rt)
+    eng = Engine(cfg, run_dir, fed, rt, progress=progress, **kw)
+    if cfg.fl.aggregator == "fltrust":
+        from ..defense.root import make_root_fn
+
+        eng.root_fn = make_root_fn(eng)
+    return eng
+
+
+def _apply_benign_mix(cfg: RunConfig, fed) -> None:
+    """Stealth variant: malicious clients replace a fraction of their data by held-out normal data."""
+    mix = cfg.attack.benign_mix
+    if mix <= 0:
+        return
+    import random
+
+    pool = [r for recs in fed.heldout.values() for r in recs if r.kind == "normal"]
+    rng = random.Random(cfg.seed)
+    rng.shuffle(pool)
+    for c in fed.clients:
+        if c.malicious:
+            k = int(len(c.records) * mix)
+            if k > len(pool):
+                raise FedsafeError(f"attack.benign_mix={mix}: not enough held-out normal data ({len(pool)})")
+            c.records[:k] = pool[:k]
+            del pool[:k]
+
+
+def write_run_header(cfg: RunConfig, run_dir: Path, fed) -> None:
+    atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    summ = fed.summary()
+    atomic_write_json(run_dir / "clients.json", {
+        "num_clients": len(fed.clients),
+        "malicious_ids": list(fed.malicious_ids),
+        "note": "ground truth for forensics; never passed to an aggregator unless fl.oracle is true",
+        "clients": summ,
+    })
+    atomic_write_json(run_dir / "data_manifest.json", fed.to_manifest())
+
+
+def start_run(cfg: RunConfig, run_dir: str | Path | None = None, *, overwrite: bool = False,
+              progress: bool = True, evaluate: bool = True, **kw) -> Path:
+    d = new_run_dir(cfg, run_dir, overwrite)
+    eng = build_engine(cfg, d, progress=progress, **kw)
+    write_run_header(cfg, d, eng.fed)
+    return _train_and_finish(eng, evaluate)
+
+
+def resume_run(run_dir: str | Path, *, progress: bool = True, evaluate: bool = True, **kw) -> Path:
+    d = Path(run_dir)
+    cfg = load_run_config(d)
+    eng = build_engine(cfg, d, progress=progress, **kw)
+    if not (d / "clients.json").exists():
+        write_run_header(cfg, d, eng.fed)
+    nxt = eng.try_resume()
+    if progress:
+        print(f"resuming {d} at round {nxt + 1}/{cfg.fl.rounds}")
+    return _train_and_finish(eng, evaluate)
+
+
+def _train_and_finish(eng: Engine, evaluate: bool) -> Path:
+    d = eng.run_dir
+    cfg = eng.cfg
+    t0 = time.time()
+    final = eng.run()
+    eng.rt.handle.save_adapter(d / "final_adapter", final)
+    atomic_write_json(d / "train_summary.json", {"rounds": cfg.fl.rounds, "seconds_this_session": time.time() - t0,
+                                                  "adapter_numel": int(final.numel())})
+    if evaluate:
+        from ..eval.runner import evaluate_run
+
+        evaluate_run(d, cfg=cfg, fed=eng.fed, rt=eng.rt, progress=eng.progress)
+    return d

@@ -1,0 +1,85 @@
+"""One frozen base model per process, shared by every client, scenario and evaluation.
+
+``get_runtime`` loads the base once and wraps it with a LoRA adapter; later calls with the same model
+reuse it (the demo runs several scenarios in one process). Tokenised examples are memoised by record id,
+so each client's data is tokenised once per run, not per round.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import LoraConfig, ModelConfig
+from .data.templates import Example, tokenize_pair
+from .models import LoraHandle, add_lora, load_base, resolve_device
+
+
+@dataclass
+class Runtime:
+    model_cfg: ModelConfig
+    lora_cfg: LoraConfig
+    model: torch.nn.Module  # the peft-wrapped model
+    tokenizer: object
+    handle: LoraHandle
+    device: torch.device
+    _tok_cache: dict = field(default_factory=dict)
+
+    def tokenize(self, records) -> list[Example]:
+        mc = self.model_cfg
+        out = []
+        for r in records:
+            key = (r.id, r.instruction, r.response, mc.template, mc.seq_length, mc.max_prompt_length)
+            ex = self._tok_cache.get(key)
+            if ex is None:
+                ex = tokenize_pair(self.tokenizer, mc.template, r.instruction, r.response, mc.seq_length,
+                                   mc.max_prompt_length)
+                self._tok_cache[key] = ex
+            out.append(ex)
+        return out
+
+    def init_vec(self, seed: int) -> torch.Tensor:
+        """A fresh LoRA initialisation (A ~ kaiming-uniform as peft, B = 0), deterministic in ``seed``."""
+        gen = torch.Generator().manual_seed(int(seed))
+        parts = []
+        for name, p in zip(self.handle.names, self.handle.params):
+            if "lora_A" in name:
+                fan_in = p.shape[1] if p.dim() > 1 else p.shape[0]
+                bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform_(a=sqrt(5)) gives this bound
+                parts.append((torch.rand(p.shape, generator=gen) * 2 - 1).mul_(bound).reshape(-1))
+            else:
+                parts.append(torch.zeros(p.numel()))
+        return torch.cat(parts).float()
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+
+_CACHE: dict = {}
+
+
+def get_runtime(model_cfg: ModelConfig, lora_cfg: LoraConfig) -> Runtime:
+    mkey = (model_cfg.name, model_cfg.dtype, str(resolve_device(model_cfg.device)))
+    lkey = (lora_cfg.r, lora_cfg.alpha, lora_cfg.dropout, tuple(lora_cfg.target_modules))
+    rt = _CACHE.get("rt")
+    if rt is not None and _CACHE.get("mkey") == mkey:
+        if _CACHE.get("lkey") == lkey:
+            rt.model_cfg = model_cfg
+            rt.lora_cfg = lora_cfg
+            return rt
+        base = rt.model.unload()  # drop the old adapter, keep the frozen base
+        tok = rt.tokenizer
+    else:
+        _CACHE.clear()
+        base, tok = load_base(model_cfg.name, model_cfg.dtype, model_cfg.device)
+    if model_cfg.gradient_checkpointing:
+        base.gradient_checkpointing_enable()
+        base.enable_input_require_grads()
+    pm = add_lora(base, lora_cfg.r, lora_cfg.alpha, lora_cfg.dropout, lora_cfg.target_modules)
+    pm.eval()
+    rt = Runtime(model_cfg, lora_cfg, pm, tok, LoraHandle.of(pm), resolve_device(model_cfg.device))
+    _CACHE.update(rt=rt, mkey=mkey, lkey=lkey)
+    return rt
