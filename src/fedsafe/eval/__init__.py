@@ -1,0 +1,1 @@
+"""Evaluation: generation, safety judges, helpfulness, statistics."""
