@@ -42,6 +42,7 @@ class LoraConfig:
     alpha: int = 64  # paper: 64
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # or ["all-linear"]
+    layers: int = 0  # LoRA only on the top N decoder layers (0 = every layer); enables prefix caching
 
 
 @dataclass
@@ -74,6 +75,7 @@ class FLConfig:
     keep_checkpoints: int = 0  # 0 keeps all
     max_update_norm: float = 1e6  # absurd-norm guard for client updates
     min_clients: int = 1  # skip the round if fewer valid updates remain
+    prefix_cache: bool = True  # with lora.layers > 0: cache hidden states below the adapted layers once per run
 
 
 @dataclass
@@ -396,6 +398,8 @@ def validate(cfg: RunConfig) -> None:
             f"model.max_prompt_length ({cfg.model.max_prompt_length}) must be below model.seq_length "
             f"({cfg.model.seq_length}) so the response keeps some tokens"
         )
+    if cfg.lora.layers < 0:
+        raise ConfigError(f"lora.layers must be >= 0 (0 = all layers), got {cfg.lora.layers}")
     if not cfg.lora.target_modules:
         raise ConfigError("lora.target_modules must name at least one module (or 'all-linear')")
     cfg.data.validate()

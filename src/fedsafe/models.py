@@ -173,15 +173,33 @@ def _load_hf(name: str):
 
 
 # ---------------------------------------------------------------------------------------------- LoRA
-def add_lora(model, r: int, alpha: int, dropout: float, target_modules: list[str]):
-    """Wrap the base model with one trainable LoRA adapter (peft)."""
+def num_layers(model) -> int:
+    return int(model.config.num_hidden_layers)
+
+
+def add_lora(model, r: int, alpha: int, dropout: float, target_modules: list[str], layers: int = 0):
+    """Wrap the base model with one trainable LoRA adapter (peft); ``layers`` > 0 adapts only the top ones."""
     from peft import LoraConfig, get_peft_model
 
     targets = "all-linear" if target_modules in (["all-linear"], ["all_linear"]) else list(target_modules)
+    if targets == "all-linear" and layers:
+        # peft's layers_to_transform needs explicit names: every Linear inside the decoder layers
+        targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                          if isinstance(m, torch.nn.Linear) and ".layers." in n})
+    extra = {}
+    if layers:
+        n = num_layers(model)
+        if layers > n:
+            raise ConfigError(f"lora.layers={layers} but the model has only {n} decoder layers")
+        extra = {"layers_to_transform": list(range(n - layers, n)), "layers_pattern": "layers"}
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
-                     task_type="CAUSAL_LM")
+                     task_type="CAUSAL_LM", **extra)
+    import warnings
+
     try:
-        pm = get_peft_model(model, cfg)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # transformers deprecation inside peft
+            pm = get_peft_model(model, cfg)
     except ValueError as e:
         raise ConfigError(f"lora.target_modules={target_modules}: {e}") from None
     return pm

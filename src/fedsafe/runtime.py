@@ -26,6 +26,7 @@ class Runtime:
     handle: LoraHandle
     device: torch.device
     _tok_cache: dict = field(default_factory=dict)
+    _prefix_cache: dict = field(default_factory=dict)
 
     def tokenize(self, records) -> list[Example]:
         mc = self.model_cfg
@@ -54,6 +55,29 @@ class Runtime:
         return torch.cat(parts).float()
 
     @property
+    def first_adapted_layer(self) -> int:
+        """Index of the lowest decoder layer with LoRA (0 when every layer is adapted)."""
+        if not self.lora_cfg.layers:
+            return 0
+        from .models import num_layers
+
+        return num_layers(self.model.get_base_model()) - self.lora_cfg.layers
+
+    def prefix(self, records, examples) -> list[torch.Tensor]:
+        """Frozen-prefix hidden states for ``examples`` (memoised by record id, computed once per process)."""
+        from .fl.train import prefix_hidden
+
+        first = self.first_adapted_layer
+        keys = [(r.id, r.instruction, r.response, first, self.model_cfg.template, self.model_cfg.seq_length,
+                 self.model_cfg.max_prompt_length) for r in records]
+        todo = [i for i, k in enumerate(keys) if k not in self._prefix_cache]
+        if todo:
+            hs = prefix_hidden(self.model, [examples[i] for i in todo], first, self.device)
+            for i, h in zip(todo, hs):
+                self._prefix_cache[keys[i]] = h
+        return [self._prefix_cache[k] for k in keys]
+
+    @property
     def pad_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
 
@@ -63,7 +87,7 @@ _CACHE: dict = {}
 
 def get_runtime(model_cfg: ModelConfig, lora_cfg: LoraConfig) -> Runtime:
     mkey = (model_cfg.name, model_cfg.dtype, str(resolve_device(model_cfg.device)))
-    lkey = (lora_cfg.r, lora_cfg.alpha, lora_cfg.dropout, tuple(lora_cfg.target_modules))
+    lkey = (lora_cfg.r, lora_cfg.alpha, lora_cfg.dropout, tuple(lora_cfg.target_modules), lora_cfg.layers)
     rt = _CACHE.get("rt")
     if rt is not None and _CACHE.get("mkey") == mkey:
         if _CACHE.get("lkey") == lkey:
@@ -78,7 +102,7 @@ def get_runtime(model_cfg: ModelConfig, lora_cfg: LoraConfig) -> Runtime:
     if model_cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable()
         base.enable_input_require_grads()
-    pm = add_lora(base, lora_cfg.r, lora_cfg.alpha, lora_cfg.dropout, lora_cfg.target_modules)
+    pm = add_lora(base, lora_cfg.r, lora_cfg.alpha, lora_cfg.dropout, lora_cfg.target_modules, lora_cfg.layers)
     pm.eval()
     rt = Runtime(model_cfg, lora_cfg, pm, tok, LoraHandle.of(pm), resolve_device(model_cfg.device))
     _CACHE.update(rt=rt, mkey=mkey, lkey=lkey)

@@ -49,6 +49,8 @@ def finetune(rt, start_vec: torch.Tensor, records, *, steps: int, batch_size: in
             if (out_dir / "metrics.jsonl").exists() else []
         write_jsonl(out_dir / "metrics.jsonl", rows)
     chunk = max(1, min(checkpoint_every, restart_every or checkpoint_every))
+    first = rt.first_adapted_layer
+    prefix_fn = (lambda idx: rt.prefix([records[i] for i in idx], [examples[i] for i in idx])) if first else None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("[bold]defense fine-tune"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -65,7 +67,7 @@ def finetune(rt, start_vec: torch.Tensor, records, *, steps: int, batch_size: in
             res, opt_state = train_local(
                 rt.handle, examples, steps=k, batch_size=batch_size, grad_accum=1, lr=lr, pad_id=rt.pad_id,
                 device=rt.device, gen=gen, autocast=autocast, optimizer_state=opt_state,
-                lr_fn=lambda s, b=base: cosine_lr(b + s, steps, lr, lr_min),
+                lr_fn=lambda s, b=base: cosine_lr(b + s, steps, lr, lr_min), prefix_fn=prefix_fn, first_layer=first,
             )
             vec = rt.handle.get_flat()
             done += k

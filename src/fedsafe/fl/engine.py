@@ -72,6 +72,8 @@ class Engine:
         self.malicious = list(fed.malicious_ids)
         self.examples = [self.rt.tokenize(c.records) for c in fed.clients]
         self.sizes = [len(c.records) for c in fed.clients]
+        self.first_layer = self.rt.first_adapted_layer
+        self.use_prefix = fl.prefix_cache and self.first_layer > 0
         for c, ex in zip(fed.clients, self.examples):
             if not ex:
                 raise FedsafeError(f"client {c.id} has no training examples")
@@ -146,6 +148,7 @@ class Engine:
             max_grad_norm=fl.max_grad_norm, autocast=self.cfg.model.autocast,
             optimizer_state=None if fl.reset_optimizer else self.client_opt.get(cid),
             prox_mu=prox, prox_center=self.global_vec if prox else None, grad_correction=corr,
+            prefix_fn=self._prefix_fn(cid) if self.use_prefix else None, first_layer=self.first_layer,
         )
         if not fl.reset_optimizer:
             self.client_opt[cid] = opt_state
@@ -154,6 +157,10 @@ class Engine:
             y = self._malicious_behaviour(y, gen)
         metrics = {"loss": res.loss, "tokens": res.tokens, "seconds": time.time() - t0}
         return rt.handle.state_dict(y), metrics
+
+    def _prefix_fn(self, cid: int):
+        recs, ex = self.fed.clients[cid].records, self.examples[cid]
+        return lambda idx: self.rt.prefix([recs[i] for i in idx], [ex[i] for i in idx])
 
     def _malicious_behaviour(self, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Classical model-poisoning baselines, for comparison with the paper's data-only attack."""
