@@ -28,7 +28,7 @@ def test_tiny_run_writes_run_directory(tmp_path):
         assert (d / f).exists(), f
     rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
-    assert all(len(r["sampled"]) == 2 and r["train_loss"] > 0 for r in rows)
+    assert all(len(r["sampled"]) == 3 and r["train_loss"] > 0 for r in rows)
     clients = json.loads((d / "clients.json").read_text())
     assert clients["malicious_ids"] == [3]
     res = json.loads((d / "results.json").read_text())

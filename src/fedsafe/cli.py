@@ -291,7 +291,7 @@ def report_cmd(
     from .report.render import render
 
     d = render(run_dirs, out_dir, title=title)
-    out.print((d / "table.md").read_text())
+    typer.echo((d / "table.md").read_text())
     out.print(str(d / "index.html"))
 
 

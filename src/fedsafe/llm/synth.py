@@ -100,6 +100,10 @@ def make_generator(spec: str, *, batch_size: int = 16, progress: bool = False):
     """A generator from a spec: ``endpoint:BASE_URL#MODEL`` (OpenAI-compatible, key from $OPENAI_API_KEY
     or ``endpoint:URL#MODEL@ENV_VAR``), or a model name/path (default: the embedded SmolLM2)."""
     spec = spec or "smollm2-135m-instruct"
+    if spec == "scripted":  # test double for the tiny preset
+        from .scripted import ScriptedGenerator
+
+        return ScriptedGenerator()
     if spec.startswith("endpoint:"):
         from .endpoint import EndpointConfig, EndpointGenerator
 
