@@ -117,7 +117,8 @@ class DefenseConfig:
     lr_min: float = 1e-6
     checkpoint_every: int = 100
     filter_refusals: bool = True  # drop generated aligned answers the refusal judge does not flag
-    every_rounds: int = 0  # in-training variant: defend every k rounds (0 = post-hoc only)
+    every_rounds: int = 0  # in-training variant: fine-tune on Level-1 data every k rounds (0 = post-hoc only)
+    inline_steps: int = 10  # steps per in-training application
     generator: str = ""  # Level 2: model name/path or endpoint:URL#model
 
 

@@ -193,3 +193,31 @@ def _check_disjoint(records, fed) -> None:
 
 def fed_allow(fed) -> bool:
     return bool(getattr(fed, "allow_contamination", False))
+
+
+def inline_defense_hook(cfg: RunConfig, fed, rt):
+    """In-training variant (beyond the paper): every ``defense.every_rounds`` rounds the server fine-tunes
+    the fresh aggregate for ``defense.inline_steps`` steps on Level-1 defense data, instead of (or before)
+    the post-hoc defense. Its cost per application is ``inline_steps`` server steps."""
+    from . import data as ddata
+
+    d = cfg.defense
+    records, _ = ddata.level1(fed, cfg.data.defense_aligned, cfg.data.defense_normal, d.n, d.aligned_ratio, cfg.seed)
+    examples = rt.tokenize(records)
+    first = rt.first_adapted_layer
+    prefix_fn = (lambda idx: rt.prefix([records[i] for i in idx], [examples[i] for i in idx])) if first else None
+
+    def hook(eng, rnd: int) -> dict | None:
+        if (rnd + 1) % d.every_rounds:
+            return None
+        t0 = time.time()
+        rt.handle.set_flat(eng.global_vec)
+        seed = derive_seed(cfg.seed, rnd, 777)
+        torch.manual_seed(seed)
+        res, _ = train_local(rt.handle, examples, steps=d.inline_steps, batch_size=d.batch_size, grad_accum=1,
+                             lr=d.lr, pad_id=rt.pad_id, device=rt.device, gen=torch.Generator().manual_seed(seed),
+                             autocast=cfg.model.autocast, prefix_fn=prefix_fn, first_layer=first)
+        eng.global_vec = rt.handle.get_flat()
+        return {"inline_defense_loss": res.loss, "inline_defense_seconds": round(time.time() - t0, 3)}
+
+    return hook

@@ -93,6 +93,8 @@ class Engine:
         if fl.fed_alg == "scaffold":
             self.scaffold = ScaffoldState(c=torch.zeros_like(self.global_vec))
         self.root_fn = None  # set by callers that need a server root update (FLTrust)
+        self.probe_fn = None  # set by callers for behaviour-scoring rules (safety_probe)
+        self.post_aggregate: list[Callable[["Engine", int], dict | None]] = []  # e.g. in-training defense
 
     # ------------------------------------------------------------------ state
     def state_dict(self, rnd: int) -> dict:
@@ -226,6 +228,10 @@ class Engine:
             if self.scaffold is not None:
                 self.scaffold.server_update(dcs, self.K)
             row["train_loss"] = sum(losses.values()) / len(losses)
+            for hook in self.post_aggregate:
+                extra = hook(self, rnd)
+                if extra:
+                    row.update(extra)
         if self.round_callback is not None:
             extra = self.round_callback(rnd, self.global_vec)
             if extra:
@@ -248,6 +254,8 @@ class Engine:
         if self.root_fn is not None:
             root = self.root_fn(rnd, self.global_vec)
             params["root_update"] = root if not on_weights else root + self.global_vec
+        if "probe_scores" in aggregators.rule_needs(self.rule):
+            params["probe_scores"] = self.probe_fn(self.global_vec, X - self.global_vec)
         res = self.rule(U, w, state=self.agg_state, **params)
         agg = res.aggregate - self.global_vec if on_weights else res.aggregate
         fx = aggregators.forensics(X - self.global_vec)  # deltas from this round's starting point

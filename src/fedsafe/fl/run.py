@@ -60,10 +60,21 @@ def build_engine(cfg: RunConfig, run_dir: Path, *, progress: bool = True, **kw) 
 
         kw["round_callback"] = make_monitor(cfg, fed, rt)
     eng = Engine(cfg, run_dir, fed, rt, progress=progress, **kw)
-    if cfg.fl.aggregator == "fltrust":
+    from .. import aggregators
+
+    needs = aggregators.rule_needs(eng.rule)
+    if cfg.fl.aggregator == "fltrust" or "root_update" in needs:
         from ..defense.root import make_root_fn
 
         eng.root_fn = make_root_fn(eng)
+    if "probe_scores" in needs:
+        from ..defense.probe import make_probe_fn
+
+        eng.probe_fn = make_probe_fn(rt, fed)
+    if cfg.defense.every_rounds > 0:
+        from ..defense.finetune import inline_defense_hook
+
+        eng.post_aggregate.append(inline_defense_hook(cfg, fed, rt))
     return eng
 
 

@@ -1,0 +1,90 @@
+"""Post-hoc defense: data composition and disjointness, checkpoint cadence, resume, errors."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedsafe.config import load_config
+from fedsafe.data.partition import build_federation
+from fedsafe.defense import data as ddata
+from fedsafe.defense.finetune import defend_run
+from fedsafe.errors import FedsafeError
+from fedsafe.fl.run import start_run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    cfg = load_config("tiny", ["fl.rounds=2", "eval.max_new_tokens=4"])
+    return start_run(cfg, tmp_path_factory.mktemp("src") / "run", progress=False)
+
+
+def test_level1_composition_and_disjointness():
+    cfg = load_config("tiny")
+    fed = build_federation(cfg.data, seed=cfg.seed)
+    recs, prov = ddata.level1(fed, cfg.data.defense_aligned, cfg.data.defense_normal, 10, 0.5, seed=0)
+    assert len(recs) == 10 and prov["aligned"] == 5 and prov["normal"] == 5
+    assert sum(r.kind == "aligned" for r in recs) == 5
+    client_ids = {r.id for c in fed.clients for r in c.records}
+    eval_prompts = {r.instruction for r in fed.eval_harmful + fed.eval_benign + fed.probe_harmful + fed.probe_benign}
+    assert not client_ids & {r.id for r in recs}
+    assert not eval_prompts & {r.instruction for r in recs}
+
+
+def test_level1_too_many_is_a_clear_error():
+    cfg = load_config("tiny")
+    fed = build_federation(cfg.data, seed=cfg.seed)
+    with pytest.raises(FedsafeError, match="held-out"):
+        ddata.level1(fed, cfg.data.defense_aligned, cfg.data.defense_normal, 100000, 0.5, seed=0)
+
+
+def test_level2_generated_with_refusal_filter():
+    from fedsafe.llm.scripted import ScriptedGenerator
+
+    recs, prov = ddata.generated(ScriptedGenerator(), 12, 0.5, seed=0, filter_refusals=True)
+    assert prov["aligned"] == 6 and prov["normal"] == 6
+    assert all("sorry" in r.response.lower() for r in recs if r.kind == "aligned")
+
+
+def test_defend_checkpoints_resume_and_link(tiny_run, tmp_path):
+    out = defend_run(tiny_run, level=1, steps=4, n=8, out=tmp_path / "d1", progress=False)
+    meta = json.loads((out / "defense.json").read_text())
+    assert meta["source_run"].endswith(tiny_run.name) and meta["level"] == 1
+    ck = sorted(p.name for p in (out / "checkpoints").glob("round_*.pt"))
+    assert ck == ["round_0002.pt", "round_0004.pt"]  # every 2 steps (tiny preset) -> steps 2 and 4
+    assert (out / "final_adapter" / "adapter_model.safetensors").exists() and (out / "results.json").exists()
+    a = load_file(str(tiny_run / "final_adapter" / "adapter_model.safetensors"))
+    b = load_file(str(out / "final_adapter" / "adapter_model.safetensors"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    # "killed" after the first checkpoint: drop the later checkpoint and the outputs, rerun -> same adapter
+    import shutil
+
+    part = tmp_path / "d2"
+    shutil.copytree(out, part)
+    for p in (part / "checkpoints").glob("round_0004.pt*"):
+        p.unlink()
+    shutil.rmtree(part / "final_adapter")
+    (part / "results.json").unlink()
+    defend_run(tiny_run, level=1, steps=4, n=8, out=part, progress=False, evaluate=False)
+    c = load_file(str(part / "final_adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(b[k], c[k]) for k in b)
+
+
+def test_defend_level2_with_scripted_generator(tiny_run, tmp_path):
+    out = defend_run(tiny_run, level=2, steps=2, n=8, out=tmp_path / "d", progress=False, evaluate=False)
+    meta = json.loads((out / "defense.json").read_text())
+    assert meta["data"]["generator"] == "scripted" and meta["data"]["aligned"] > 0
+
+
+def test_defend_without_final_adapter_fails_before_training(tmp_path):
+    (tmp_path / "config.yaml").write_text("name: x\n")
+    with pytest.raises(FedsafeError, match="no final adapter"):
+        defend_run(tmp_path, level=1, progress=False)
+
+
+def test_in_training_defense_variant_runs(tmp_path):
+    cfg = load_config("tiny", ["fl.rounds=2", "defense.every_rounds=1", "defense.inline_steps=2"])
+    d = start_run(cfg, tmp_path / "r", progress=False, evaluate=False)
+    rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert all("inline_defense_loss" in r for r in rows)

@@ -1,0 +1,76 @@
+"""`fedsafe demo --quick` on the tiny model: every report file and the table's schema; sweep; report."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fedsafe.demo import run_demo
+
+EXPECTED_ROWS = ["FedAvg (no attack)", "FedAvg (attack)", "median (attack)", "krum_paper (attack)",
+                 "foolsgold (attack)", "FedAvg (attack) + post-hoc defense L1", "FedAvg (attack) + post-hoc defense L2"]
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("demo") / "demo"
+    run_demo("tiny", ["fl.rounds=2", "monitor.every=1", "eval.max_new_tokens=4", "monitor.max_new_tokens=4"], d,
+             quick=True, progress=False)
+    return d
+
+
+def test_demo_report_files_and_schema(demo_dir):
+    rep = demo_dir / "report"
+    for f in ("table.md", "table.csv", "table.json", "index.html", "methods.png", "refusal_by_round.png",
+              "cosine_heatmap.png", "client_weights.png"):
+        assert (rep / f).exists() and (rep / f).stat().st_size > 0, f
+    rows = json.loads((rep / "table.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == EXPECTED_ROWS
+    for r in rows:
+        assert {"refusal", "refusal_ci", "refusal_n", "false_refusal", "false_refusal_ci", "ref_nll", "judge"} <= set(r)
+        assert 0 <= r["refusal"] <= 100 and r["refusal_ci"][0] <= r["refusal"] <= r["refusal_ci"][1]
+    md = (rep / "table.md").read_text()
+    assert md.count("\n|") >= len(EXPECTED_ROWS) + 1 and "Wilson" in md
+    html = (rep / "index.html").read_text()
+    assert '<table id="results">' in html and html.count("data:image/png;base64,") == 4
+    timings = json.loads((demo_dir / "timings.json").read_text())
+    assert "total" in timings and "attack_fedavg" in timings
+
+
+def test_demo_resumes_without_recomputing(demo_dir):
+    res = demo_dir / "runs" / "attack_fedavg" / "results.json"
+    before = res.stat().st_mtime_ns
+    run_demo("tiny", ["fl.rounds=2", "monitor.every=1", "eval.max_new_tokens=4", "monitor.max_new_tokens=4"], demo_dir,
+             quick=True, progress=False)
+    assert res.stat().st_mtime_ns == before
+
+
+def test_report_rerenders_from_run_dirs(demo_dir, tmp_path):
+    runs = [str(p) for p in sorted((demo_dir / "runs").iterdir())]
+    p = subprocess.run([sys.executable, "-m", "fedsafe.cli", "report", *runs, "--out", str(tmp_path / "rep")],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "rep" / "index.html").exists() and "| Method |" in p.stdout
+
+
+def test_sweep_matrix_with_seeds(tmp_path):
+    from fedsafe.sweep import run_sweep
+
+    root = run_sweep("tiny", ["fl.aggregator=mean,median"], seeds=2, overrides=["fl.rounds=1", "eval.max_new_tokens=2"],
+                     out_dir=tmp_path / "s", progress=False)
+    rows = json.loads((root / "report" / "table.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["fl.aggregator=mean", "fl.aggregator=median"]
+    assert all(r["seeds"] == 2 and "refusal_std" in r for r in rows)
+    assert len(list((root / "cells").iterdir())) == 4
+
+
+def test_sweep_failed_cell_does_not_stop_the_rest(tmp_path):
+    from fedsafe.sweep import run_sweep
+
+    root = run_sweep("tiny", ["data.eval_harmful_n=4,100000"], seeds=1, overrides=["fl.rounds=1", "eval.max_new_tokens=2"],
+                     out_dir=tmp_path / "s", progress=False)
+    failures = json.loads((root / "failures.json").read_text())
+    assert len(failures) == 1 and "100000" in next(iter(failures))
+    rows = json.loads((root / "report" / "table.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["data.eval_harmful_n=4"]
