@@ -8,7 +8,7 @@ import pytest
 
 from fedsafe.demo import run_demo
 
-EXPECTED_ROWS = ["FedAvg (no attack)", "FedAvg (attack)", "median (attack)", "krum_paper (attack)",
+EXPECTED_ROWS = ["Model as shipped (no adapter)", "FedAvg (no attack)", "FedAvg (attack)", "median (attack)", "krum_paper (attack)",
                  "foolsgold (attack)", "FedAvg (attack) + post-hoc defense L1", "FedAvg (attack) + post-hoc defense L2"]
 
 

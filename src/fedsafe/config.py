@@ -123,12 +123,26 @@ class DefenseConfig:
 
 
 @dataclass
+class InitConfig:
+    """Where the global adapter starts. The paper starts from a fresh LoRA on a base model whose FedIT data
+    carries incidental refusals; a 135M model at demo scale needs a safe starting point instead (issue 8)."""
+
+    adapter: str = ""  # "" = fresh LoRA | "align" = server-side safety alignment first | path to a peft adapter dir
+    steps: int = 60  # alignment steps
+    n: int = 400  # alignment samples, reserved from the held-out pools (never given to clients or defense)
+    aligned_ratio: float = 0.4
+    lr: float = 5e-4
+    batch_size: int = 8
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     seed: int = 0
     output_dir: str = "runs"
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     data: DataConfig = field(default_factory=DataConfig)
     fl: FLConfig = field(default_factory=FLConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)

@@ -49,6 +49,36 @@ def scenario_configs(base: RunConfig, rules=ROBUST) -> list[tuple[str, str, RunC
     return out
 
 
+def _reference_rows(base: RunConfig, runs: Path, progress: bool) -> list[Path]:
+    """Rows for the model before federation: as shipped, and (with init.adapter=align) after the server's
+    safety alignment, evaluated on the same held-out sets."""
+    from .config import dump_yaml
+    from .eval.runner import evaluate_run
+    from .fl.run import build_engine
+
+    out = []
+    clean = scenario_configs(base)[0][2]
+    eng = None
+    rows = [("shipped_model", "Model as shipped (no adapter)", None)]
+    if base.init.adapter:
+        rows.append(("start_adapter", "Start of federation (server-aligned)", "init"))
+    for slug, label, which in rows:
+        d = runs / slug
+        if not (d / "results.json").exists():
+            d.mkdir(parents=True, exist_ok=True)
+            if eng is None:
+                eng = build_engine(clean, d, progress=progress)
+            atomic_write_text(d / "config.yaml", dump_yaml(clean))
+            vec = eng.init_vec if which == "init" else None
+            if vec is None:
+                evaluate_run(d, cfg=clean, fed=eng.fed, rt=eng.rt, progress=progress, vec=None, base_only=True)
+            else:
+                evaluate_run(d, cfg=clean, fed=eng.fed, rt=eng.rt, progress=progress, vec=vec)
+        atomic_write_text(d / "label.txt", label + "\n")
+        out.append(d)
+    return out
+
+
 def run_demo(preset: str = "demo", overrides: list[str] | None = None, out_dir: str | Path | None = None, *,
              quick: bool = False, levels=(1, 2), progress: bool = True) -> Path:
     from .defense.finetune import defend_run
@@ -61,6 +91,9 @@ def run_demo(preset: str = "demo", overrides: list[str] | None = None, out_dir: 
     (root / "runs").mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     run_dirs: list[Path] = []
+    t0 = time.time()
+    run_dirs += _reference_rows(base, root / "runs", progress)
+    timings["reference_rows"] = round(time.time() - t0, 1)
     for slug, label, cfg in scenario_configs(base):
         d = root / "runs" / slug
         t0 = time.time()

@@ -34,7 +34,7 @@ def cosine_lr(step: int, total: int, lr: float, lr_min: float) -> float:
 
 def finetune(rt, start_vec: torch.Tensor, records, *, steps: int, batch_size: int, lr: float, lr_min: float,
              checkpoint_every: int, out_dir: Path, seed: int, autocast: str = "none", restart_every: int = 0,
-             progress: bool = True, on_checkpoint=None) -> torch.Tensor:
+             progress: bool = True, on_checkpoint=None, label: str = "defense fine-tune") -> torch.Tensor:
     """Continue training ``start_vec`` on ``records``; resumes from ``out_dir/checkpoints`` if present."""
     out_dir = Path(out_dir)
     examples = rt.tokenize(records)
@@ -53,7 +53,7 @@ def finetune(rt, start_vec: torch.Tensor, records, *, steps: int, batch_size: in
     prefix_fn = (lambda idx: rt.prefix([records[i] for i in idx], [examples[i] for i in idx])) if first else None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("[bold]defense fine-tune"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[info]}"), disable=not progress) as prog:
         task = prog.add_task("defense", total=steps, completed=done, info="")
         while done < steps:
@@ -104,6 +104,9 @@ def defend_run(source: str | Path, *, level: int | None = None, steps: int | Non
         raise FedsafeError("--steps and -n must be positive")
     cfg = dataclasses.replace(cfg, defense=d, name=f"{cfg.name}+defense-L{d.level}")
     fed = build_federation(cfg.data, seed=cfg.seed)
+    from .align import reserve
+
+    reserve(cfg, fed)  # alignment records are never reused as defense data
     rt = get_runtime(cfg.model, cfg.lora)
     start = rt.handle.load_adapter_dir(source / "final_adapter")
     if out is None:

@@ -157,7 +157,7 @@ def evaluate_adapter(rt, vec: torch.Tensor | None, harmful, benign, *, judge: st
 
 
 def evaluate_run(run_dir: Path, *, cfg=None, fed=None, rt=None, progress: bool = True, vec: torch.Tensor | None = None,
-                 tag: str = "") -> dict:
+                 tag: str = "", base_only: bool = False) -> dict:
     """Evaluate a run directory's final adapter (or ``vec``) on its held-out sets; writes results.json."""
     from ..data.partition import build_federation
     from ..fl.run import load_run_config
@@ -167,7 +167,7 @@ def evaluate_run(run_dir: Path, *, cfg=None, fed=None, rt=None, progress: bool =
     cfg = cfg or load_run_config(run_dir)
     rt = rt or get_runtime(cfg.model, cfg.lora)
     fed = fed or build_federation(cfg.data, seed=cfg.seed)
-    if vec is None:
+    if vec is None and not base_only:
         vec = rt.handle.load_adapter_dir(run_dir / "final_adapter")
     e = cfg.eval
     harmful = fed.eval_harmful[: e.harmful_n] if e.harmful_n else fed.eval_harmful

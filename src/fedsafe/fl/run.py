@@ -53,6 +53,9 @@ def build_engine(cfg: RunConfig, run_dir: Path, *, progress: bool = True, **kw) 
     from ..data.partition import build_federation
 
     fed = build_federation(cfg.data, seed=cfg.seed)
+    from ..defense.align import initial_vec, reserve
+
+    align_records = reserve(cfg, fed)
     _apply_benign_mix(cfg, fed)
     rt = get_runtime(cfg.model, cfg.lora)
     if "round_callback" not in kw:
@@ -60,6 +63,8 @@ def build_engine(cfg: RunConfig, run_dir: Path, *, progress: bool = True, **kw) 
 
         kw["round_callback"] = make_monitor(cfg, fed, rt)
     eng = Engine(cfg, run_dir, fed, rt, progress=progress, **kw)
+    eng.global_vec = initial_vec(cfg, fed, rt, align_records, progress=progress)
+    eng.init_vec = eng.global_vec.clone()
     from .. import aggregators
 
     needs = aggregators.rule_needs(eng.rule)

@@ -1,0 +1,77 @@
+"""A safety-aligned starting adapter: the server aligns the model once before the federation starts.
+
+The paper federates a pre-trained Llama-2-7B whose benign FedIT data (LMSYS/WildChat first turns) carry
+ChatGPT's refusals, so safety *emerges* during FedIT. At demo scale on a 135M model that emergence is too
+weak and too noisy to be attacked measurably (``shared/reference/miniature.md``), so the demo can start
+the federation from an adapter the server first trains on aligned + normal data (``init.adapter: align``),
+as a deployed model would be. The records come from the held-out pools and are *reserved*: removed
+from the pools before any defense draws from them, so alignment, defense and evaluation data stay
+disjoint. The result is cached in the user cache, keyed by everything it depends on, so every scenario
+of the demo shares one alignment run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+from ..assets import cache_dir
+from ..errors import FedsafeError
+from ..io import atomic_write_bytes
+
+
+def reserve(cfg, fed) -> list:
+    """Pop the alignment records from ``fed.heldout`` (deterministic); no-op unless init.adapter == align."""
+    ini = cfg.init
+    if ini.adapter != "align":
+        return []
+    na = int(round(ini.n * ini.aligned_ratio))
+    nn = ini.n - na
+    out = []
+    for spec, k, kind in ((cfg.data.defense_aligned, na, "aligned"), (cfg.data.defense_normal, nn, "normal")):
+        pool = fed.heldout.get(spec, [])
+        take = [r for r in pool if r.kind == kind][:k]
+        if len(take) < k:
+            raise FedsafeError(f"init.adapter=align needs {k} held-out {kind} records from {spec}, only "
+                               f"{len(take)} are left; lower init.n")
+        ids = {r.id for r in take}
+        fed.heldout[spec] = [r for r in pool if r.id not in ids]
+        out += take
+    return out
+
+
+def initial_vec(cfg, fed, rt, records: list, progress: bool = True) -> torch.Tensor:
+    ini = cfg.init
+    if not ini.adapter:
+        return rt.init_vec(cfg.seed)
+    if ini.adapter != "align":
+        return rt.handle.load_adapter_dir(ini.adapter)
+    key = hashlib.sha256(json.dumps({
+        "model": [cfg.model.name, cfg.model.dtype, cfg.model.template, cfg.model.seq_length, cfg.model.max_prompt_length],
+        "lora": [cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules, cfg.lora.layers],
+        "init": [ini.steps, ini.lr, ini.batch_size], "seed": cfg.seed, "records": sorted(r.id for r in records),
+    }, sort_keys=True).encode()).hexdigest()[:24]
+    path = cache_dir() / "aligned_init" / f"{key}.pt"
+    if path.exists():
+        vec = torch.load(path, map_location="cpu")
+        if vec.numel() == rt.handle.numel:
+            return vec
+    import random
+    import tempfile
+
+    from .finetune import finetune
+
+    recs = list(records)
+    random.Random(cfg.seed).shuffle(recs)
+    with tempfile.TemporaryDirectory() as tmp:
+        vec = finetune(rt, rt.init_vec(cfg.seed), recs, steps=ini.steps, batch_size=ini.batch_size, lr=ini.lr,
+                       lr_min=ini.lr / 10, checkpoint_every=ini.steps, out_dir=tmp, seed=cfg.seed,
+                       autocast=cfg.model.autocast, progress=progress, label="server safety alignment")
+    import io
+
+    buf = io.BytesIO()
+    torch.save(vec, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return vec
