@@ -36,6 +36,12 @@ from .updates import RejectedUpdate, validate_state
 UpdateHook = Callable[[int, int, dict], dict]
 
 
+def rule_needs(rule) -> frozenset:
+    """Engine-provided inputs a registered rule asks for (``root_update``, ``probe_scores``)."""
+    spec = getattr(rule, "spec", None)
+    return frozenset(getattr(spec, "needs", ()))
+
+
 def derive_seed(*parts: int) -> int:
     """A stable 63-bit seed from integers (no Python hash randomisation)."""
     h = 1469598103934665603
@@ -254,7 +260,7 @@ class Engine:
         if self.root_fn is not None:
             root = self.root_fn(rnd, self.global_vec)
             params["root_update"] = root if not on_weights else root + self.global_vec
-        if "probe_scores" in aggregators.rule_needs(self.rule):
+        if "probe_scores" in rule_needs(self.rule):
             params["probe_scores"] = self.probe_fn(self.global_vec, X - self.global_vec)
         res = self.rule(U, w, state=self.agg_state, **params)
         agg = res.aggregate - self.global_vec if on_weights else res.aggregate

@@ -65,9 +65,9 @@ def build_engine(cfg: RunConfig, run_dir: Path, *, progress: bool = True, **kw) 
     eng = Engine(cfg, run_dir, fed, rt, progress=progress, **kw)
     eng.global_vec = initial_vec(cfg, fed, rt, align_records, progress=progress)
     eng.init_vec = eng.global_vec.clone()
-    from .. import aggregators
+    from .engine import rule_needs
 
-    needs = aggregators.rule_needs(eng.rule)
+    needs = rule_needs(eng.rule)
     if cfg.fl.aggregator == "fltrust" or "root_update" in needs:
         from ..defense.root import make_root_fn
 
