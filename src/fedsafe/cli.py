@@ -29,6 +29,15 @@ app.add_typer(config_app, name="config")
 app.add_typer(assets_app, name="assets")
 app.add_typer(data_app, name="data")
 
+
+def _flower_app():
+    from .flower.sim import app as flower_app  # imports no flwr until a command runs
+
+    return flower_app
+
+
+app.add_typer(_flower_app(), name="flower", help="Run the same federation on Flower (simulation or deployment).")
+
 console = Console(stderr=True)
 out = Console()
 

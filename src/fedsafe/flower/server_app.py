@@ -1,0 +1,93 @@
+"""The fedsafe ``ServerApp`` (Flower Message API, flwr >= 1.20).
+
+Reads the fedsafe configuration from the run config (``fedsafe-config``, ``overrides``; see
+``[tool.flwr.app.config]`` in ``flower-app/pyproject.toml``), creates the run directory, and runs the
+federation with :class:`fedsafe.flower.strategy.FedsafeStrategy` on a server-side
+:class:`fedsafe.fl.engine.Engine`. The run directory has the layout of ``fedsafe run``
+(:mod:`fedsafe.fl.run`): ``config.yaml``, ``clients.json``, ``data_manifest.json``, ``metrics.jsonl``,
+``forensics.jsonl``, ``checkpoints/``, ``final_adapter/``, ``train_summary.json`` and, after the final
+evaluation, ``eval/`` and ``results.json``; plus ``flower.json`` (which node held which client, nodes
+with a bad node config, rejected replies per round). With ``defense.enabled`` the paper's post-hoc
+defense (Ye et al., ICLR 2025, §5) runs after the last round via
+:func:`fedsafe.defense.finetune.defend_run` into a sibling directory named in ``flower.json``.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+from pathlib import Path
+
+from flwr.app import ArrayRecord, Context
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+
+from ..io import atomic_write_json
+from . import as_bool, check_supported, load_run_cfg, run_config_value
+from .strategy import FedsafeStrategy
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    rc = context.run_config
+    cfg = load_run_cfg(rc)
+    run_dir = str(run_config_value(rc, "run-dir") or "").strip() or None
+    run_server(grid, cfg, run_dir, evaluate=as_bool(run_config_value(rc, "evaluate")),
+               node_wait_s=float(run_config_value(rc, "node-wait-s")),
+               round_timeout_s=float(run_config_value(rc, "round-timeout-s")))
+
+
+def run_server(grid: Grid, cfg, run_dir: str | Path | None = None, *, evaluate: bool = True,
+               node_wait_s: float = 120.0, round_timeout_s: float = 3600.0) -> Path:
+    """Run the federation described by ``cfg`` over ``grid``; returns the run directory."""
+    from ..fl.run import build_engine, new_run_dir, write_run_header
+
+    check_supported(cfg)
+    d = new_run_dir(cfg, run_dir)  # an existing empty directory is fine; a non-empty one is refused
+    d = d.resolve()
+    log(INFO, "fedsafe: run directory %s", d)
+    eng = build_engine(cfg, d, progress=False)
+    write_run_header(cfg, d, eng.fed)
+    strategy = FedsafeStrategy(eng, node_wait_s=node_wait_s)
+    info = {"engine": "flower", "run_id": _run_id(grid), "status": "running"}
+
+    def write_info(**kw) -> None:
+        info.update(kw)
+        atomic_write_json(d / "flower.json", {**info, **strategy.report()})
+
+    write_info()
+    t0 = time.time()
+    try:
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(eng.rt.handle.state_dict(eng.global_vec)),
+                       num_rounds=cfg.fl.rounds - eng.start_round, timeout=round_timeout_s)
+    except BaseException as e:
+        write_info(status="failed", error=f"{type(e).__name__}: {e}")
+        raise
+    final = eng.global_vec
+    eng.rt.handle.save_adapter(d / "final_adapter", final)
+    atomic_write_json(d / "train_summary.json", {"rounds": cfg.fl.rounds, "seconds_this_session": time.time() - t0,
+                                                  "adapter_numel": int(final.numel()), "engine": "flower"})
+    write_info(status="trained")
+    if evaluate:
+        from ..eval.runner import evaluate_run
+
+        log(INFO, "fedsafe: evaluating the final adapter")
+        evaluate_run(d, cfg=cfg, fed=eng.fed, rt=eng.rt, progress=False)
+    if cfg.defense.enabled:
+        from ..defense.finetune import defend_run
+
+        log(INFO, "fedsafe: post-hoc defense (level %d, %d steps)", cfg.defense.level, cfg.defense.steps)
+        out = defend_run(d, progress=False, evaluate=evaluate)
+        write_info(defense_run=str(out))
+    write_info(status="finished")
+    log(INFO, "fedsafe: finished %s", d)
+    return d
+
+
+def _run_id(grid: Grid) -> int | None:
+    try:
+        return int(grid.run.run_id)
+    except Exception:  # noqa: BLE001 - a test grid without a run
+        return None

@@ -1,0 +1,674 @@
+"""Property-based fuzzing of every input parser: configs, overrides, data files, JSONL, prompt files, CLI.
+
+The contract under test: malformed *user input* ends in :class:`~fedsafe.errors.FedsafeError` (usually
+its subclasses ``ConfigError`` / ``DataError``) or in success, never in any other exception; on the
+command line that means exit code 2, a one-line message and no traceback.
+
+Bounded for the default test run (``FEDSAFE_FUZZ_EXAMPLES``, default 40 examples per property, no
+deadline). ``scripts/fuzz_long.py --examples 2000`` runs the same properties much longer.
+
+Inputs that reach a *known* crash are kept out of the random strategies (so one known bug does not mask
+new ones) and pinned instead by the ``KNOWN_BUGS`` cases at the end, marked ``xfail(strict=True)``: they
+start failing (XPASS) the moment the bug is fixed, as a reminder to drop the marker.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import csv
+import dataclasses
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import typing
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from fedsafe.config import ALIASES, RunConfig, _read_yaml, load_config, parse_override, set_dotted
+from fedsafe.errors import FedsafeError
+
+EXAMPLES = int(os.environ.get("FEDSAFE_FUZZ_EXAMPLES", "40"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                           HealthCheck.data_too_large])
+
+# ------------------------------------------------------------------------------------------ strategies
+
+ODD_STRINGS = [
+    "", " ", "\t\n", "\x00", "a\x00b", "\ufeff", "\u200b", "\u202e\u202dRTL", "e\u0301\u0301\u0301", "\U0001F600" * 3,
+    "\u2028line\u2029", "\r\n", "\r", "%s%n{0}", "${HOME}", "../../../etc/passwd", "/", ".", "..", "NaN", "Infinity",
+    "-0", "1e309", "0x10", "1_000", "yes", "no", "null", "~", "[", "]", "{", "}", "'", '"', "\\", ":", "?", "&", "#",
+    "=", "==", "a=b=c", "file:", "aligned:", "aligned:aligned:", "hf:", "hub_file::", "tiny?", "tiny?a", "tiny?=1",
+    "x" * 5000, "é" * 300, "中文テキスト", "\x7f\x1b[31m",
+]
+ODD_TEXT = st.one_of(st.sampled_from(ODD_STRINGS), st.text(max_size=40),
+                     st.text(alphabet=st.characters(codec="utf-8"), max_size=20))  # no lone surrogates (known bug)
+# Bounded: integers above 4300 digits make json.loads raise ValueError (known bug, pinned below).
+INTS = st.one_of(st.integers(-(2**70), 2**70), st.sampled_from([0, -1, 1, 2**31, 2**63, -(2**63), 10**100]))
+FLOATS = st.floats(allow_nan=True, allow_infinity=True)
+SCALARS = st.one_of(st.none(), st.booleans(), INTS, FLOATS, ODD_TEXT)
+# JSON-like values with string keys only (non-string mapping keys crash the config loader: known bug).
+VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                        st.dictionaries(ODD_TEXT, inner, max_size=4)), max_leaves=12)
+
+
+def _dataclass_keys(cls, prefix="") -> list[str]:
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        out.append(key)
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += _dataclass_keys(hints[f.name], key + ".")
+    return out
+
+
+DOTTED = _dataclass_keys(RunConfig) + list(ALIASES) + ["data.groups.0.mix", "fl.aggregator_params.f", "base"]
+KEYS = st.one_of(st.sampled_from(DOTTED), ODD_TEXT)
+TINY_RAW = _read_yaml("tiny")[0]
+YAML_SNIPPETS = ["[1, 2]", "{a: 1}", "{f: 1}", "[{clients: 1, mix: {tiny: 1.0}}]", "1.0e+400", "-.inf", ".nan", "~",
+                 "null", "yes", "0x1F", "0o17", "1_000", "2001-12-14", "2001-12-14t21:59:43.10-05:00", "!!binary aGk=",
+                 "!!python/object:os.system x", "&a [*a]", "&a {x: *a}", "'unterminated", "[1, [2, [3, [4]]]]",
+                 "- a\n- b", "a: b: c", "|\n  block", ">-\n x", "!!set {a, b}", "!!omap [a: 1]", "? a", "*undefined",
+                 "%YAML 1.1\n---\n1", "---\n1\n---\n2", "\t1"]
+# Values that are valid somewhere, so a good share of examples gets past validation (and into the next check).
+PLAUSIBLE = ["1", "2", "3", "0", "0.5", "1.0e-3", "true", "false", "cosine", "constant", "fedavg", "fedprox",
+             "scaffold",
+             "mean", "krum", "median", "trimmed_mean", "chat", "alpaca", "float32", "bf16", "none", "deltas", "weights",
+             "stratified", "[q_proj, v_proj]", "all-linear", "tiny", "tiny-harmful", "aligned:tiny-harmful", "iid",
+             "dirichlet", "{}", "sign_flip", "scale", "[{clients: 4, mix: {tiny: 1.0}}]"]
+
+def _leaf_overrides() -> list[str]:
+    """key=value for every scalar field: its tiny-preset value, nearby numbers, or another allowed choice."""
+    import yaml
+
+    from fedsafe.config import CHOICES, dump_yaml
+
+    out: list[str] = []
+
+    def walk(prefix, obj):
+        for k, v in obj.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict):
+                walk(key + ".", v)
+            elif isinstance(v, bool):
+                out.append(f"{key}={str(not v).lower()}")
+            elif isinstance(v, int):
+                out.extend([f"{key}={v}", f"{key}={v + 1}", f"{key}={max(v - 1, 0)}"])
+            elif isinstance(v, float):
+                out.extend([f"{key}={v!r}", f"{key}={v * 2!r}", f"{key}={v / 2!r}"])
+            elif isinstance(v, str) and v:
+                out.extend(f"{key}={c}" for c in CHOICES.get(key, (v,)))
+    walk("", yaml.safe_load(dump_yaml(load_config("tiny"))))
+    return out
+
+
+LEAF_OVERRIDES = _leaf_overrides()
+PLAUSIBLE_VALUES = st.sampled_from(PLAUSIBLE).map(lambda v: parse_override("k=" + v)[1])
+OVERRIDE_VALUES = st.one_of(st.sampled_from(PLAUSIBLE), st.sampled_from(YAML_SNIPPETS), ODD_TEXT, INTS.map(str),
+                            FLOATS.map(repr))
+
+
+def _group_missing_required(raw) -> bool:
+    """data.groups entries with only known keys but no 'clients' or 'mix' (TypeError: known bug)."""
+    data = raw.get("data") if isinstance(raw, dict) else None
+    groups = data.get("groups") if isinstance(data, dict) else None
+    if not isinstance(groups, list):
+        return False
+    known = {"clients", "mix", "malicious", "samples_per_client", "name"}
+    return any(isinstance(g, dict) and set(g) <= known and not {"clients", "mix"} <= set(g) for g in groups)
+
+
+def _known_trap(raw) -> bool:
+    return _has_tilde_or_bad_key(raw) or _group_missing_required(raw)
+
+
+def _has_tilde_or_bad_key(obj) -> bool:
+    """Values that reach known bugs: '~user' paths (RuntimeError) and non-string mapping keys (TypeError)."""
+    seen: set[int] = set()
+
+    def walk(o) -> bool:
+        if id(o) in seen:
+            return False
+        seen.add(id(o))
+        if isinstance(o, str):
+            return "~" in o
+        if isinstance(o, dict):
+            return any(not isinstance(k, str) or "~" in k or walk(v) for k, v in o.items())
+        if isinstance(o, (list, tuple, set, frozenset)):
+            return any(walk(v) for v in o)
+        return False
+
+    return walk(obj)
+
+
+STATS: collections.Counter = collections.Counter()  # (property, outcome) -> count; read by scripts/fuzz_long.py
+CURRENT = ["?"]
+
+
+def _expect_user_error_or_success(fn, *args, **kw):
+    try:
+        out = fn(*args, **kw)
+    except FedsafeError as e:
+        assert str(e), "a user error needs a message"
+        STATS[CURRENT[0], type(e).__name__] += 1
+        return None
+    STATS[CURRENT[0], "accepted"] += 1
+    return out
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+@FUZZ
+@given(raw=st.dictionaries(KEYS, VALUES, max_size=6))
+def test_load_config_random_dict(raw):
+    assume(not _known_trap(raw))
+    _expect_user_error_or_success(load_config, raw)
+
+
+@FUZZ
+@given(edits=st.lists(st.tuples(st.sampled_from(DOTTED), st.one_of(PLAUSIBLE_VALUES, VALUES)), min_size=1, max_size=4))
+def test_load_config_tiny_with_random_values_at_real_keys(edits):
+    """Start from the valid tiny preset so random values get past key checks into coercion/validation."""
+    raw = copy.deepcopy(TINY_RAW)
+    for key, value in edits:
+        set_dotted(raw, key, value)
+    assume(not _known_trap(raw))
+    cfg = _expect_user_error_or_success(load_config, raw)
+    if cfg is not None:
+        assert isinstance(cfg, RunConfig)
+        assert cfg.fl.rounds > 0 and cfg.fl.sample_clients <= cfg.num_clients
+
+
+@FUZZ
+@given(items=st.one_of(
+    st.lists(st.sampled_from(LEAF_OVERRIDES), min_size=1, max_size=4),
+    st.lists(st.one_of(st.sampled_from(LEAF_OVERRIDES),
+                       st.tuples(st.sampled_from(DOTTED), st.sampled_from(PLAUSIBLE)).map("=".join),
+                       st.tuples(KEYS, OVERRIDE_VALUES).map(lambda kv: f"{kv[0]}={kv[1]}"), ODD_TEXT),
+             min_size=1, max_size=4)))
+def test_dotted_overrides(items):
+    raw = copy.deepcopy(TINY_RAW)
+    for it in items:
+        if "=" in it:
+            key, value = parse_override(it)
+            assume(not _has_tilde_or_bad_key(value) and "~" not in key)
+            set_dotted(raw, key, value)
+    assume(not _group_missing_required(raw))
+    _expect_user_error_or_success(load_config, "tiny", items)
+
+
+@FUZZ
+@given(text=st.one_of(st.text(max_size=300), st.sampled_from(YAML_SNIPPETS),
+                      st.dictionaries(st.sampled_from(["name", "seed", "fl", "data", "model", "lora", "base", "eval"]),
+                                      VALUES, max_size=4).map(lambda d: json.dumps(d))))
+def test_yaml_config_file(text):
+    """A YAML file as the CONFIG argument (JSON is YAML too)."""
+    import yaml
+
+    try:
+        parsed = yaml.safe_load(text)
+    except yaml.YAMLError:
+        parsed = None
+    except Exception:  # noqa: BLE001 - a YAML oddity the loader must also survive; let it run
+        parsed = None
+    assume(not _known_trap(parsed))
+    assume(not (isinstance(parsed, dict) and "base" in parsed))  # base chains: known bug (self-reference)
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "cfg.yaml"
+        p.write_text(text, encoding="utf-8")
+        _expect_user_error_or_success(load_config, str(p))
+
+
+# ------------------------------------------------------------------------------------------ data files
+
+COLUMNS = ["instruction", "prompt", "goal", "target", "response", "output", "input", "kind", "Behavior", "question",
+           "turns", "forbidden_prompt", "answer"]
+COLS = st.one_of(st.sampled_from(COLUMNS), ODD_TEXT)
+HUGE = st.builds(lambda s, n: s * n, st.text(min_size=1, max_size=3), st.integers(1, 70_000))
+CELL = st.one_of(ODD_TEXT, HUGE, SCALARS, st.lists(ODD_TEXT, max_size=3))
+GOOD_TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cc", "Cs"]), min_size=1, max_size=30)
+# half plausible rows (text instruction + response, maybe extra columns), half anything
+GOOD_ROW = st.fixed_dictionaries({"instruction": GOOD_TEXT, "response": st.one_of(GOOD_TEXT, HUGE)},
+                                 optional={"input": st.one_of(GOOD_TEXT, st.just("")), "category": CELL})
+ROWS = st.one_of(st.lists(GOOD_ROW, min_size=1, max_size=6),
+                 st.lists(st.dictionaries(COLS, CELL, max_size=5), max_size=6))
+OPTIONS = st.dictionaries(
+    st.sampled_from(["instruction_col", "response_col", "kind", "input_col", "source", "limit", "schema", "nope"]),
+    st.one_of(st.sampled_from(COLUMNS + ["normal", "prompt", "aligned", "unaligned", "lmsys", "generic", "0", "3",
+                                         "-2", ""]), st.text(alphabet="abc_?=&", max_size=6)),
+    max_size=3) | st.just({})
+
+
+def _serialise(rows: list[dict], fmt: str) -> bytes:
+    if fmt in ("jsonl", "ndjson"):
+        return "".join(json.dumps(r) + "\n" for r in rows).encode()
+    if fmt == "json":
+        return json.dumps(rows).encode()
+    buf = io.StringIO()
+    cols = list(dict.fromkeys(k for r in rows for k in r)) or ["instruction"]
+    w = csv.writer(buf, delimiter="\t" if fmt == "tsv" else ",")
+    w.writerow(cols)
+    for r in rows:
+        w.writerow([r.get(c, "") for c in cols])
+    return buf.getvalue().encode("utf-8", "surrogatepass")
+
+
+def _spec(path: Path, options: dict) -> str:
+    q = "&".join(f"{k}={v}" for k, v in options.items())
+    return f"file:{path}" + (f"?{q}" if q else "")
+
+
+def _check_records(recs):
+    from fedsafe.data.records import KINDS, Record
+
+    assert isinstance(recs, list)
+    for r in recs:
+        assert isinstance(r, Record) and r.kind in KINDS and r.instruction.strip()
+
+
+def _load(path: Path, options: dict | None = None):
+    from fedsafe.data.sources import load_source
+
+    opts = dict(options or {})
+    assume(opts.get("limit", "0").lstrip("-").isdigit())  # limit=abc: known bug (ValueError)
+    recs = _expect_user_error_or_success(load_source, _spec(path, opts))
+    if recs is not None:
+        _check_records(recs)
+    return recs
+
+
+FORMATS = ["jsonl", "ndjson", "json", "csv", "tsv"]
+
+
+@FUZZ
+@given(data=st.binary(max_size=600), fmt=st.sampled_from(FORMATS + ["parquet"]))
+def test_file_loader_random_bytes(data, fmt):
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / f"data.{fmt}"
+        p.write_bytes(data)
+        _load(p)
+
+
+@FUZZ
+@given(rows=ROWS, fmt=st.sampled_from(FORMATS), options=OPTIONS, cut=st.one_of(st.none(), st.floats(0, 1)),
+       prefix=st.sampled_from([b"", b"\xef\xbb\xbf", b"\n\n", b"\x00", b"\xff"]))
+def test_file_loader_structured_truncated(rows, fmt, options, cut, prefix):
+    """Plausible files (right and wrong types, huge fields, odd unicode), optionally cut at a random byte."""
+    data = prefix + _serialise(rows, fmt)
+    if cut is not None:
+        data = data[: int(len(data) * cut)]
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / f"data.{fmt}"
+        p.write_bytes(data)
+        _load(p, options)
+
+
+@FUZZ
+@given(rows=st.one_of(st.lists(GOOD_ROW, min_size=1, max_size=5),
+                      st.lists(st.dictionaries(st.sampled_from(["instruction", "response", "prompt", "x", ""]),
+                                               st.one_of(st.none(), INTS, FLOATS, st.booleans(), ODD_TEXT, HUGE),
+                                               max_size=4),
+                               min_size=1, max_size=5)), options=OPTIONS)
+def test_parquet_loader(rows, options):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    cols = list(dict.fromkeys(k for r in rows for k in r)) or ["instruction"]
+    arrays = {}
+    for c in cols:
+        vals = [r.get(c) for r in rows]
+        try:
+            arrays[c] = pa.array(vals)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):  # mixed types: store as text
+            arrays[c] = pa.array([None if v is None else str(v) for v in vals])
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "data.parquet"
+        pq.write_table(pa.table(arrays), p)
+        _load(p, options)
+
+
+# ------------------------------------------------------------------------------------------ JSONL
+
+
+@FUZZ
+@given(data=st.binary(max_size=400), tolerate=st.booleans())
+def test_read_jsonl_random_bytes(data, tolerate):
+    from fedsafe.io import read_jsonl
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "x.jsonl"
+        p.write_bytes(data)
+        rows = _expect_user_error_or_success(read_jsonl, p, tolerate_torn_tail=tolerate)
+        assert rows is None or all(isinstance(r, dict) for r in rows)
+
+
+ASCII_ROWS = st.lists(st.dictionaries(st.text(alphabet="abcxyz_", max_size=5),
+                                      st.one_of(INTS, st.text(alphabet="ab cé\u4e2d\"\\", max_size=8), st.booleans()),
+                                      max_size=3), min_size=1, max_size=6)
+
+
+@FUZZ
+@given(rows=ASCII_ROWS, data=st.data())
+def test_read_jsonl_torn_tail_property(rows, data):
+    """A crash while appending tears at most the last line: with tolerate_torn_tail the complete lines
+    come back exactly; without it (or when a *middle* line is damaged) it is a DataError."""
+    from fedsafe.errors import DataError
+    from fedsafe.io import read_jsonl
+
+    lines = [json.dumps(r) for r in rows]  # ASCII escapes: cutting never splits a UTF-8 sequence here
+    head = "".join(x + "\n" for x in lines[:-1])
+    last = lines[-1]
+    cut = data.draw(st.integers(0, len(last) - 1), label="cut")
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "m.jsonl"
+        p.write_text(head + last[:cut])
+        assert read_jsonl(p, tolerate_torn_tail=True) == rows[:-1]
+        if cut:
+            with pytest.raises(DataError):
+                read_jsonl(p)
+        p.write_text(head + last + "\n")
+        assert read_jsonl(p, tolerate_torn_tail=True) == rows
+        if len(lines) >= 3:  # damage a middle line: never silently dropped
+            k = data.draw(st.integers(0, len(lines) - 3), label="middle")
+            bad = lines[:k] + [lines[k][: max(1, len(lines[k]) // 2)]] + lines[k + 1:]
+            p.write_text("".join(x + "\n" for x in bad))
+            with pytest.raises(DataError):
+                read_jsonl(p, tolerate_torn_tail=True)
+
+
+# ------------------------------------------------------------------------------------------ prompt files
+
+PROMPT_COLS = st.one_of(st.sampled_from(["prompt", "goal", "forbidden_prompt", "Behavior", "behavior", "PROMPT",
+                                         "instruction", "question", "turns", "category"]), ODD_TEXT)
+
+
+@FUZZ
+@given(rows=st.one_of(st.lists(st.one_of(st.fixed_dictionaries({"prompt": GOOD_TEXT}, optional={"category": CELL}),
+                                         GOOD_TEXT), min_size=1, max_size=6),
+                      st.lists(st.one_of(st.dictionaries(PROMPT_COLS, CELL, max_size=4), ODD_TEXT, INTS), max_size=6)),
+       fmt=st.sampled_from(["jsonl", "json", "csv", "tsv"]), wrap=st.sampled_from([None, "data", "rows", "other"]),
+       column=st.one_of(st.none(), PROMPT_COLS), cut=st.one_of(st.none(), st.floats(0, 1)),
+       prefix=st.sampled_from([b"", b"\xef\xbb\xbf", b"\xfe"]))
+def test_prompt_file_loader(rows, fmt, wrap, column, cut, prefix):
+    from fedsafe.eval.prompts import load_prompt_file
+
+    if fmt == "json":
+        data = json.dumps(rows if wrap is None else {wrap: rows}).encode()
+    else:
+        dict_rows = [r if isinstance(r, dict) else {"prompt": r} for r in rows]
+        data = _serialise(dict_rows, fmt)
+    data = prefix + data
+    if cut is not None:
+        data = data[: int(len(data) * cut)]
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / f"prompts.{fmt}"
+        p.write_bytes(data)
+        out = _expect_user_error_or_success(load_prompt_file, p, column)
+        assert out is None or all(isinstance(s, str) and s.strip() for s in out)
+
+
+@FUZZ
+@given(data=st.binary(max_size=400), fmt=st.sampled_from(["jsonl", "json", "csv", "tsv", "txt"]))
+def test_prompt_file_random_bytes(data, fmt):
+    from fedsafe.eval.prompts import load_prompt_file
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / f"prompts.{fmt}"
+        p.write_bytes(data)
+        _expect_user_error_or_success(load_prompt_file, p)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+CLI_CASES = {
+    # name: (argv, files to create {name: content}, expected text in stderr)
+    "unknown preset": (["run", "tinyy"], {}, "unknown preset"),
+    "malformed YAML": (["run", "bad.yaml"], {"bad.yaml": "fl: {rounds: [1\n"}, "invalid YAML"),
+    "bad override value": (["run", "tiny", "fl.rounds=abc"], {}, "expected an integer"),
+    "resume missing dir": (["run", "--resume", "no_such_run"], {}, "not a run directory"),
+    "judge malformed JSONL": (["judge", "gen.jsonl"], {"gen.jsonl": '{"prompt": "a", "response": "b"}\n{"prompt": \n'},
+                              "invalid JSON"),
+}
+# the same contract, checked in-process (cheaper than a process each)
+CLI_CASES_IN_PROCESS = {
+    "override without =": (["run", "tiny", "fl.rounds"], {}, "must look like key=value"),
+    "unknown key": (["config", "show", "tiny", "fl.roundz=3"], {}, "did you mean 'rounds'"),
+    "unknown preset in sweep": (["sweep", "nope", "--grid", "fl.rounds=1"], {}, "unknown preset"),
+    "judge missing field": (["judge", "gen.jsonl"], {"gen.jsonl": '{"prompt": "a"}\n'}, "needs a string 'response'"),
+    "judge empty file": (["judge", "gen.jsonl"], {"gen.jsonl": ""}, "no rows"),
+    "judge not UTF-8": (["judge", "gen.jsonl"], {"gen.jsonl": b"\xff\xfe{}\n"}, "not UTF-8"),
+    "judge unknown judge": (["judge", "gen.jsonl", "--judge", "nope"],
+                            {"gen.jsonl": '{"prompt": "a", "response": "b"}\n'}, "unknown judge"),
+    "sweep bad grid": (["sweep", "tiny", "--grid", "fl.rounds"], {}, "must look like key=v1,v2"),
+    "defend no adapter": (["defend", "no_such_run"], {}, "no final adapter"),
+    "resume a file": (["run", "--resume", "gen.jsonl"], {"gen.jsonl": "{}\n"}, "not a run directory"),
+}
+
+
+def _make_files(cwd: Path, files: dict) -> None:
+    cwd.mkdir(parents=True, exist_ok=True)
+    for fname, content in files.items():
+        (cwd / fname).write_bytes(content if isinstance(content, bytes) else content.encode())
+
+
+def test_cli_bad_inputs_exit_2_without_traceback(tmp_path):
+    """Real ``python -m fedsafe.cli`` processes, all started together."""
+    env = {k: v for k, v in os.environ.items() if k != "FEDSAFE_DEBUG"}
+    env.update(FEDSAFE_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", COLUMNS="200")
+    procs = {}
+    for i, (name, (argv, files, _)) in enumerate(CLI_CASES.items()):
+        _make_files(tmp_path / f"case{i}", files)
+        procs[name] = subprocess.Popen([sys.executable, "-m", "fedsafe.cli", *argv], cwd=tmp_path / f"case{i}", env=env,
+                                       text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    problems = []
+    for name, p in procs.items():
+        out, err = p.communicate(timeout=300)
+        want = CLI_CASES[name][2]
+        if p.returncode != 2 or "Traceback" in err or want not in " ".join(err.split()) or "error:" not in err:
+            problems.append(f"{name}: exit {p.returncode}, stderr: {err[-600:]!r}")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("name", list(CLI_CASES_IN_PROCESS))
+def test_cli_bad_inputs_in_process(name, tmp_path, capsys, monkeypatch):
+    argv, files, want = CLI_CASES_IN_PROCESS[name]
+    monkeypatch.setenv("FEDSAFE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.delenv("FEDSAFE_DEBUG", raising=False)
+    _make_files(tmp_path, files)
+    rc = _cli_main(argv, tmp_path)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "error:" in err and want in " ".join(err.split()), err
+
+
+# ------------------------------------------------------------------------------------------ known bugs
+# Each case is a real crash found by this fuzzer in code this file does not own; see RELIABILITY.md.
+# strict=True: when the bug is fixed the case XPASSes and the suite fails until the marker is removed.
+
+
+def _cli_main(argv, cwd: Path) -> int:
+    """In-process CLI (cheap); a non-FedsafeError escapes exactly as it would as a traceback."""
+    from fedsafe.cli import main
+
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return main(argv)
+    finally:
+        os.chdir(old)
+
+
+def _known_yaml_int_key(tmp: Path):
+    (tmp / "c.yaml").write_text("fl: {1: 2}\n")
+    assert _cli_main(["config", "show", "c.yaml"], tmp) == 2
+
+
+def _known_dict_int_key(tmp: Path):
+    _expect_user_error_or_success(load_config, {"fl": {3: 1}})
+
+
+def _known_yaml_base_cycle(tmp: Path):
+    p = tmp / "loop.yaml"
+    p.write_text(f"base: {p}\n")
+    _expect_user_error_or_success(load_config, str(p))
+
+
+def _known_yaml_not_utf8(tmp: Path):
+    (tmp / "b.yaml").write_bytes(b"\xff\xfe fl: 1\n")
+    assert _cli_main(["config", "show", "b.yaml"], tmp) == 2
+
+
+def _known_config_is_directory(tmp: Path):
+    _expect_user_error_or_success(load_config, str(tmp))
+
+
+def _known_tilde_user_spec(tmp: Path):
+    _expect_user_error_or_success(load_config, "tiny", ["data.eval_harmful=~nosuchuser_fedsafe/x.jsonl"])
+
+
+def _known_tilde_user_file(tmp: Path):
+    from fedsafe.data.sources import load_source
+
+    _expect_user_error_or_success(load_source, "file:~nosuchuser_fedsafe/x.jsonl")
+
+
+def _known_lone_surrogate_record(tmp: Path):
+    p = tmp / "s.jsonl"
+    p.write_text('{"instruction": "\\ud800 hi", "response": "x"}\n')
+    _load_plain(p)
+
+
+def _known_lone_surrogate_judge(tmp: Path):
+    (tmp / "g.jsonl").write_text('{"prompt": "\\ud800", "response": "b"}\n')
+    assert _cli_main(["judge", "g.jsonl"], tmp) == 2
+
+
+def _known_deep_json(tmp: Path):
+    p = tmp / "deep.json"
+    p.write_text("[" * 50_000 + "]" * 50_000)
+    _load_plain(p)
+
+
+def _known_deep_jsonl_read(tmp: Path):
+    from fedsafe.io import read_jsonl
+
+    p = tmp / "deep.jsonl"
+    p.write_text("[" * 50_000 + "]" * 50_000 + "\n")
+    _expect_user_error_or_success(read_jsonl, p)
+
+
+def _known_deep_prompt_file(tmp: Path):
+    from fedsafe.eval.prompts import load_prompt_file
+
+    p = tmp / "deep.jsonl"
+    p.write_text("[" * 50_000 + "]" * 50_000 + "\n")
+    _expect_user_error_or_success(load_prompt_file, p)
+
+
+def _known_huge_int(tmp: Path):
+    p = tmp / "big.json"
+    p.write_text('[{"instruction": 1' + "0" * 5000 + ', "response": "x"}]')
+    _load_plain(p)
+
+
+def _known_data_path_is_directory(tmp: Path):
+    (tmp / "d.jsonl").mkdir()
+    _load_plain(tmp / "d.jsonl")
+
+
+def _known_read_jsonl_directory(tmp: Path):
+    from fedsafe.io import read_jsonl
+
+    (tmp / "d.jsonl").mkdir()
+    _expect_user_error_or_success(read_jsonl, tmp / "d.jsonl")
+
+
+def _known_limit_not_int(tmp: Path):
+    from fedsafe.data.sources import load_source
+
+    p = tmp / "a.jsonl"
+    p.write_text('{"instruction": "a", "response": "b"}\n')
+    _expect_user_error_or_success(load_source, f"file:{p}?limit=abc")
+
+
+def _known_torn_utf8_tail(tmp: Path):
+    from fedsafe.io import read_jsonl
+
+    p = tmp / "metrics.jsonl"
+    p.write_bytes(('{"round": 0}\n{"round": 1, "note": "\u00e9').encode()[:-1])  # killed mid-character
+    assert read_jsonl(p, tolerate_torn_tail=True) == [{"round": 0}]
+
+
+def _known_group_missing_clients(tmp: Path):
+    assert _cli_main(["config", "show", "tiny", "data.groups=[{}]"], tmp) == 2
+
+
+def _known_resume_corrupt_config(tmp: Path):
+    (tmp / "run").mkdir()
+    (tmp / "run" / "config.yaml").write_text("{[\n")  # e.g. hand-edited, or a disk error
+    assert _cli_main(["run", "--resume", "run", "--quiet", "--no-eval"], tmp) == 2
+
+
+def _known_run_dir_is_file(tmp: Path):
+    (tmp / "afile").write_text("x")
+    assert _cli_main(["run", "tiny", "fl.rounds=1", "--run-dir", "afile", "--quiet", "--no-eval"], tmp) == 2
+
+
+def _known_limit_zero(tmp: Path):
+    from fedsafe.data.sources import load_source
+
+    p = tmp / "a.jsonl"
+    p.write_text('{"instruction": "a", "response": "b"}\n{"instruction": "c", "response": "d"}\n')
+    got = _expect_user_error_or_success(load_source, f"file:{p}?limit=0")
+    assert got is None or got == [], f"limit=0 returned {len(got)} record(s)"
+
+
+def _load_plain(p: Path):
+    from fedsafe.data.sources import load_source
+
+    _expect_user_error_or_success(load_source, f"file:{p}")
+
+
+KNOWN_BUGS = {
+    "config: non-string key in a YAML file -> TypeError (config.py from_dict, difflib on an int)": _known_yaml_int_key,
+    "config: non-string key in a dict -> TypeError (config.py from_dict)": _known_dict_int_key,
+    "config: 'base:' self-reference -> RecursionError (config.py _read_yaml)": _known_yaml_base_cycle,
+    "config: YAML file not UTF-8 -> UnicodeDecodeError traceback (config.py _read_yaml)": _known_yaml_not_utf8,
+    "config: CONFIG is a directory -> IsADirectoryError (config.py _read_yaml)": _known_config_is_directory,
+    "spec: '~nosuchuser/..' -> RuntimeError from Path.expanduser (data/sources.py parse_spec)": _known_tilde_user_spec,
+    "file: '~nosuchuser/..' -> RuntimeError from Path.expanduser (data/files.py)": _known_tilde_user_file,
+    "file: lone surrogate escape -> UnicodeEncodeError (data/records.py record_id)": _known_lone_surrogate_record,
+    "judge: lone surrogate escape -> UnicodeEncodeError traceback (io.py write_jsonl)": _known_lone_surrogate_judge,
+    "file: deeply nested JSON -> RecursionError (data/files.py _json_rows)": _known_deep_json,
+    "read_jsonl: deeply nested line -> RecursionError (io.py iter_jsonl)": _known_deep_jsonl_read,
+    "prompts: deeply nested JSONL line -> RecursionError (eval/prompts.py _read_jsonl)": _known_deep_prompt_file,
+    "file: integer over 4300 digits -> ValueError (data/files.py _json_rows)": _known_huge_int,
+    "file: data path is a directory -> IsADirectoryError (data/files.py iter_rows)": _known_data_path_is_directory,
+    "read_jsonl: path is a directory -> IsADirectoryError (io.py iter_jsonl)": _known_read_jsonl_directory,
+    "file: ?limit=abc -> ValueError (data/files.py load_file)": _known_limit_not_int,
+    "read_jsonl: torn multi-byte UTF-8 tail not tolerated -> DataError on resume (io.py iter_jsonl)":
+        _known_torn_utf8_tail,
+    "config: data.groups entry without clients/mix -> TypeError traceback (config.py from_dict)":
+        _known_group_missing_clients,
+    "run --resume: unparsable config.yaml -> yaml ParserError traceback (fl/run.py load_run_config)":
+        _known_resume_corrupt_config,
+    "run --run-dir: an existing file -> NotADirectoryError traceback (fl/run.py new_run_dir)": _known_run_dir_is_file,
+    "file: ?limit=0 -> returns 1 record, not 0 or an error (data/files.py rows_to_records)": _known_limit_zero,
+}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, id=n.split(" -> ")[0], marks=pytest.mark.xfail(strict=True, reason=n))
+                                  for n in KNOWN_BUGS])
+def test_known_bug(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDSAFE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("FEDSAFE_DEBUG", raising=False)
+    KNOWN_BUGS[name](tmp_path)
