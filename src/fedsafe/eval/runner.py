@@ -147,10 +147,7 @@ def evaluate_adapter(rt, vec: torch.Tensor | None, harmful, benign, *, judge: st
         if name == "harmful":
             res["refusal"] = summ  # safe rate on harmful prompts (the paper's "Rule" metric)
         else:
-            # on benign prompts a "safe" (refusal) verdict is a false refusal
-            fr = dict(summ)
-            fr["rate"], fr["ci_low"], fr["ci_high"] = summ["rate"], summ["ci_low"], summ["ci_high"]
-            res["false_refusal"] = fr
+            res["false_refusal"] = summ  # on benign prompts a "safe" (refusal) verdict is a false refusal
     res["ref_nll"] = reference_nll(rt, vec, benign, batch_size=max(1, batch_size // 2))
     res["seconds"] = round(time.time() - t0, 2)
     return res

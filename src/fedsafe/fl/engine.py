@@ -93,7 +93,8 @@ class Engine:
         self.global_vec: torch.Tensor = self.rt.init_vec(cfg.seed)
         self.start_round = 0
         self.agg_params = dict(fl.aggregator_params)
-        if fl.oracle and "f" not in self.agg_params:
+        if fl.oracle and "f" not in self.agg_params and "f" in aggregators.base.get_spec(fl.aggregator).params:
+            # the paper's Krum/DnC were told round(m * malicious / K): oracle knowledge, opt-in only
             self.agg_params["f"] = round(fl.sample_clients * len(self.malicious) / self.K)
         self.rule = aggregators.REGISTRY[fl.aggregator]
         if fl.fed_alg == "scaffold":
