@@ -74,3 +74,15 @@ def test_sweep_failed_cell_does_not_stop_the_rest(tmp_path):
     assert len(failures) == 1 and "100000" in next(iter(failures))
     rows = json.loads((root / "report" / "table.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["data.eval_harmful_n=4"]
+
+
+@pytest.mark.skipif(not __import__("shutil").which("chromium"), reason="Debian's chromium is not installed")
+def test_report_renders_in_headless_chromium(demo_dir, tmp_path):
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "screenshot_report.sh"
+    p = subprocess.run(["bash", str(script), str(demo_dir / "report"), str(tmp_path / "shot.png")],
+                       capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr + p.stdout
+    assert (tmp_path / "shot.png").stat().st_size > 10_000
+    assert "images: 4" in p.stdout

@@ -76,7 +76,11 @@ def _forensics(run: dict) -> list[dict]:
 
 def cosine_heatmap(runs: list[dict]) -> bytes | None:
     """Mean pairwise cosine of client updates, over the rounds in which both were sampled."""
-    cand = [r for r in runs if "FedAvg" in r["label"] and "attack" in r["label"].lower() and "defense" not in r["label"].lower()]
+    def attacked(label: str) -> bool:
+        lab = label.lower()
+        return "attack" in lab and "no attack" not in lab and "defense" not in lab
+
+    cand = [r for r in runs if "fedavg" in r["label"].lower() and attacked(r["label"])]
     cand = cand or [r for r in runs if _forensics(r)]
     for run in cand:
         rows = _forensics(run)
