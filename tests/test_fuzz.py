@@ -7,9 +7,8 @@ command line that means exit code 2, a one-line message and no traceback.
 Bounded for the default test run (``FEDSAFE_FUZZ_EXAMPLES``, default 40 examples per property, no
 deadline). ``scripts/fuzz_long.py --examples 2000`` runs the same properties much longer.
 
-Inputs that reach a *known* crash are kept out of the random strategies (so one known bug does not mask
-new ones) and pinned instead by the ``KNOWN_BUGS`` cases at the end, marked ``xfail(strict=True)``: they
-start failing (XPASS) the moment the bug is fixed, as a reminder to drop the marker.
+The crashes this fuzzer found (RELIABILITY.md, "Bugs found") are fixed; ``REGRESSIONS`` at the end pins
+each one to the clean error it gives now, and the random strategies no longer steer around them.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ import typing
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedsafe.config import ALIASES, RunConfig, _read_yaml, load_config, parse_override, set_dotted
@@ -45,17 +44,20 @@ ODD_STRINGS = [
     "\u2028line\u2029", "\r\n", "\r", "%s%n{0}", "${HOME}", "../../../etc/passwd", "/", ".", "..", "NaN", "Infinity",
     "-0", "1e309", "0x10", "1_000", "yes", "no", "null", "~", "[", "]", "{", "}", "'", '"', "\\", ":", "?", "&", "#",
     "=", "==", "a=b=c", "file:", "aligned:", "aligned:aligned:", "hf:", "hub_file::", "tiny?", "tiny?a", "tiny?=1",
-    "x" * 5000, "é" * 300, "中文テキスト", "\x7f\x1b[31m",
+    "x" * 5000, "é" * 300, "中文テキスト", "\x7f\x1b[31m", "\ud800", "a\udfffb", "~nosuchuser_fedsafe/x.jsonl",
+    "~/x.jsonl",
 ]
 ODD_TEXT = st.one_of(st.sampled_from(ODD_STRINGS), st.text(max_size=40),
-                     st.text(alphabet=st.characters(codec="utf-8"), max_size=20))  # no lone surrogates (known bug)
-# Bounded: integers above 4300 digits make json.loads raise ValueError (known bug, pinned below).
+                     st.text(alphabet=st.characters(codec="utf-8"), max_size=20))  # lone surrogates: ODD_STRINGS
+# Bounded: json.dumps cannot write integers over 4300 digits, so the data-file tests could not serialise
+# them; reading such a number is pinned in REGRESSIONS.
 INTS = st.one_of(st.integers(-(2**70), 2**70), st.sampled_from([0, -1, 1, 2**31, 2**63, -(2**63), 10**100]))
 FLOATS = st.floats(allow_nan=True, allow_infinity=True)
 SCALARS = st.one_of(st.none(), st.booleans(), INTS, FLOATS, ODD_TEXT)
-# JSON-like values with string keys only (non-string mapping keys crash the config loader: known bug).
+# JSON/YAML-like values; YAML mappings may have non-string keys (`1:`, `yes:`, `null:`).
+MAP_KEYS = st.one_of(ODD_TEXT, ODD_TEXT, INTS, st.booleans(), st.none())
 VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                        st.dictionaries(ODD_TEXT, inner, max_size=4)), max_leaves=12)
+                                                        st.dictionaries(MAP_KEYS, inner, max_size=4)), max_leaves=12)
 
 
 def _dataclass_keys(cls, prefix="") -> list[str]:
@@ -115,39 +117,6 @@ OVERRIDE_VALUES = st.one_of(st.sampled_from(PLAUSIBLE), st.sampled_from(YAML_SNI
                             FLOATS.map(repr))
 
 
-def _group_missing_required(raw) -> bool:
-    """data.groups entries with only known keys but no 'clients' or 'mix' (TypeError: known bug)."""
-    data = raw.get("data") if isinstance(raw, dict) else None
-    groups = data.get("groups") if isinstance(data, dict) else None
-    if not isinstance(groups, list):
-        return False
-    known = {"clients", "mix", "malicious", "samples_per_client", "name"}
-    return any(isinstance(g, dict) and set(g) <= known and not {"clients", "mix"} <= set(g) for g in groups)
-
-
-def _known_trap(raw) -> bool:
-    return _has_tilde_or_bad_key(raw) or _group_missing_required(raw)
-
-
-def _has_tilde_or_bad_key(obj) -> bool:
-    """Values that reach known bugs: '~user' paths (RuntimeError) and non-string mapping keys (TypeError)."""
-    seen: set[int] = set()
-
-    def walk(o) -> bool:
-        if id(o) in seen:
-            return False
-        seen.add(id(o))
-        if isinstance(o, str):
-            return "~" in o
-        if isinstance(o, dict):
-            return any(not isinstance(k, str) or "~" in k or walk(v) for k, v in o.items())
-        if isinstance(o, (list, tuple, set, frozenset)):
-            return any(walk(v) for v in o)
-        return False
-
-    return walk(obj)
-
-
 STATS: collections.Counter = collections.Counter()  # (property, outcome) -> count; read by scripts/fuzz_long.py
 CURRENT = ["?"]
 
@@ -169,7 +138,6 @@ def _expect_user_error_or_success(fn, *args, **kw):
 @FUZZ
 @given(raw=st.dictionaries(KEYS, VALUES, max_size=6))
 def test_load_config_random_dict(raw):
-    assume(not _known_trap(raw))
     _expect_user_error_or_success(load_config, raw)
 
 
@@ -180,7 +148,6 @@ def test_load_config_tiny_with_random_values_at_real_keys(edits):
     raw = copy.deepcopy(TINY_RAW)
     for key, value in edits:
         set_dotted(raw, key, value)
-    assume(not _known_trap(raw))
     cfg = _expect_user_error_or_success(load_config, raw)
     if cfg is not None:
         assert isinstance(cfg, RunConfig)
@@ -195,13 +162,6 @@ def test_load_config_tiny_with_random_values_at_real_keys(edits):
                        st.tuples(KEYS, OVERRIDE_VALUES).map(lambda kv: f"{kv[0]}={kv[1]}"), ODD_TEXT),
              min_size=1, max_size=4)))
 def test_dotted_overrides(items):
-    raw = copy.deepcopy(TINY_RAW)
-    for it in items:
-        if "=" in it:
-            key, value = parse_override(it)
-            assume(not _has_tilde_or_bad_key(value) and "~" not in key)
-            set_dotted(raw, key, value)
-    assume(not _group_missing_required(raw))
     _expect_user_error_or_success(load_config, "tiny", items)
 
 
@@ -211,16 +171,6 @@ def test_dotted_overrides(items):
                                       VALUES, max_size=4).map(lambda d: json.dumps(d))))
 def test_yaml_config_file(text):
     """A YAML file as the CONFIG argument (JSON is YAML too)."""
-    import yaml
-
-    try:
-        parsed = yaml.safe_load(text)
-    except yaml.YAMLError:
-        parsed = None
-    except Exception:  # noqa: BLE001 - a YAML oddity the loader must also survive; let it run
-        parsed = None
-    assume(not _known_trap(parsed))
-    assume(not (isinstance(parsed, dict) and "base" in parsed))  # base chains: known bug (self-reference)
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "cfg.yaml"
         p.write_text(text, encoding="utf-8")
@@ -277,9 +227,7 @@ def _check_records(recs):
 def _load(path: Path, options: dict | None = None):
     from fedsafe.data.sources import load_source
 
-    opts = dict(options or {})
-    assume(opts.get("limit", "0").lstrip("-").isdigit())  # limit=abc: known bug (ValueError)
-    recs = _expect_user_error_or_success(load_source, _spec(path, opts))
+    recs = _expect_user_error_or_success(load_source, _spec(path, dict(options or {})))
     if recs is not None:
         _check_records(recs)
     return recs
@@ -311,6 +259,13 @@ def test_file_loader_structured_truncated(rows, fmt, options, cut, prefix):
         _load(p, options)
 
 
+def _parquet_storable(v):
+    """A Parquet string is UTF-8, so a lone surrogate cannot be stored at all: write '?' instead."""
+    if isinstance(v, str):
+        return v.encode("utf-8", "replace").decode()
+    return [_parquet_storable(x) for x in v] if isinstance(v, list) else v
+
+
 @FUZZ
 @given(rows=st.one_of(st.lists(GOOD_ROW, min_size=1, max_size=5),
                       st.lists(st.dictionaries(st.sampled_from(["instruction", "response", "prompt", "x", ""]),
@@ -324,7 +279,7 @@ def test_parquet_loader(rows, options):
     cols = list(dict.fromkeys(k for r in rows for k in r)) or ["instruction"]
     arrays = {}
     for c in cols:
-        vals = [r.get(c) for r in rows]
+        vals = [_parquet_storable(r.get(c)) for r in rows]
         try:
             arrays[c] = pa.array(vals)
         except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):  # mixed types: store as text
@@ -490,9 +445,9 @@ def test_cli_bad_inputs_in_process(name, tmp_path, capsys, monkeypatch):
     assert "error:" in err and want in " ".join(err.split()), err
 
 
-# ------------------------------------------------------------------------------------------ known bugs
-# Each case is a real crash found by this fuzzer in code this file does not own; see RELIABILITY.md.
-# strict=True: when the bug is fixed the case XPASSes and the suite fails until the marker is removed.
+# ------------------------------------------------------------------------------------------ regressions
+# Each case is a crash this fuzzer once found (RELIABILITY.md, "Bugs found"), now fixed: it pins the clean
+# error (or the correct result) that the input gives instead.
 
 
 def _cli_main(argv, cwd: Path) -> int:
@@ -507,168 +462,277 @@ def _cli_main(argv, cwd: Path) -> int:
         os.chdir(old)
 
 
-def _known_yaml_int_key(tmp: Path):
+def _cli_error(argv, tmp: Path, capsys, want: str) -> None:
+    """The CLI exits 2 with ``error: <message containing want>`` on stderr."""
+    capsys.readouterr()
+    rc = _cli_main(argv, tmp)
+    err = " ".join(capsys.readouterr().err.split())
+    assert rc == 2 and "error:" in err and want in err, (rc, err)
+
+
+def _load_file_source(spec: str):
+    from fedsafe.data.sources import load_source
+
+    return load_source(spec)
+
+
+def _fixed_yaml_int_key(tmp: Path, capsys):
     (tmp / "c.yaml").write_text("fl: {1: 2}\n")
-    assert _cli_main(["config", "show", "c.yaml"], tmp) == 2
+    _cli_error(["config", "show", "c.yaml"], tmp, capsys, "fl.1' must be a string, not int")
 
 
-def _known_dict_int_key(tmp: Path):
-    _expect_user_error_or_success(load_config, {"fl": {3: 1}})
+def _fixed_dict_int_key(tmp: Path, capsys):
+    from fedsafe.errors import ConfigError
+
+    for raw in ({"fl": {3: 1}}, {True: 1}, {"model": {None: "x"}}):
+        with pytest.raises(ConfigError, match="must be a string, not"):
+            load_config(raw)
 
 
-def _known_yaml_base_cycle(tmp: Path):
+def _fixed_yaml_base_cycle(tmp: Path, capsys):
+    from fedsafe.errors import ConfigError
+
     p = tmp / "loop.yaml"
     p.write_text(f"base: {p}\n")
-    _expect_user_error_or_success(load_config, str(p))
+    with pytest.raises(ConfigError, match="'base' chain loops back on itself"):
+        load_config(str(p))
+    (tmp / "a.yaml").write_text(f"base: {tmp / 'b.yaml'}\nseed: 1\n")
+    (tmp / "b.yaml").write_text(f"base: {tmp / 'a.yaml'}\n")
+    with pytest.raises(ConfigError, match=r"a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        load_config(str(tmp / "a.yaml"))
+    (tmp / "ok.yaml").write_text("base: tiny\nseed: 7\n")  # a chain that ends still works
+    assert load_config(str(tmp / "ok.yaml")).seed == 7
 
 
-def _known_yaml_not_utf8(tmp: Path):
+def _fixed_yaml_not_utf8(tmp: Path, capsys):
     (tmp / "b.yaml").write_bytes(b"\xff\xfe fl: 1\n")
-    assert _cli_main(["config", "show", "b.yaml"], tmp) == 2
+    _cli_error(["config", "show", "b.yaml"], tmp, capsys, "b.yaml: not UTF-8 text")
 
 
-def _known_config_is_directory(tmp: Path):
-    _expect_user_error_or_success(load_config, str(tmp))
+def _fixed_config_is_directory(tmp: Path, capsys):
+    from fedsafe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(str(tmp))
+    (tmp / "d.yaml").mkdir()
+    with pytest.raises(ConfigError, match="d.yaml is a directory"):
+        load_config(str(tmp / "d.yaml"))
 
 
-def _known_tilde_user_spec(tmp: Path):
-    _expect_user_error_or_success(load_config, "tiny", ["data.eval_harmful=~nosuchuser_fedsafe/x.jsonl"])
+def _fixed_tilde_user_spec(tmp: Path, capsys):
+    from fedsafe.errors import DataError
+
+    # a path that does not exist is fine in a config (as for any missing file); loading it says so
+    cfg = load_config("tiny", ["data.eval_harmful=~nosuchuser_fedsafe/x.jsonl"])
+    with pytest.raises(DataError, match="~nosuchuser_fedsafe.*file not found"):
+        _load_file_source(cfg.data.eval_harmful)
 
 
-def _known_tilde_user_file(tmp: Path):
-    from fedsafe.data.sources import load_source
+def _fixed_tilde_user_file(tmp: Path, capsys):
+    from fedsafe.errors import DataError
 
-    _expect_user_error_or_success(load_source, "file:~nosuchuser_fedsafe/x.jsonl")
+    for spec in ("file:~nosuchuser_fedsafe/x.jsonl", "file:~nosuchuser_fedsafe/x.jsonl?schema=advbench",
+                 "hub_file:advbench:~nosuchuser_fedsafe/x.csv"):
+        with pytest.raises(DataError, match="~nosuchuser_fedsafe.*file not found"):
+            _load_file_source(spec)
 
 
-def _known_lone_surrogate_record(tmp: Path):
+def _fixed_lone_surrogate_record(tmp: Path, capsys):
+    from fedsafe.data.records import Record
+    from fedsafe.errors import DataError
+
     p = tmp / "s.jsonl"
-    p.write_text('{"instruction": "\\ud800 hi", "response": "x"}\n')
-    _load_plain(p)
-
-
-def _known_lone_surrogate_judge(tmp: Path):
-    (tmp / "g.jsonl").write_text('{"prompt": "\\ud800", "response": "b"}\n')
-    assert _cli_main(["judge", "g.jsonl"], tmp) == 2
-
-
-def _known_deep_json(tmp: Path):
-    p = tmp / "deep.json"
-    p.write_text("[" * 50_000 + "]" * 50_000)
-    _load_plain(p)
-
-
-def _known_deep_jsonl_read(tmp: Path):
-    from fedsafe.io import read_jsonl
-
-    p = tmp / "deep.jsonl"
-    p.write_text("[" * 50_000 + "]" * 50_000 + "\n")
-    _expect_user_error_or_success(read_jsonl, p)
-
-
-def _known_deep_prompt_file(tmp: Path):
+    p.write_text('{"instruction": "ok", "response": "x"}\n{"instruction": "\\ud800 hi", "response": "x"}\n')
+    with pytest.raises(DataError, match=r"s\.jsonl, line 2: instruction is not valid Unicode \(unpaired surrogate "
+                                        r"U\+D800 at character 0\)"):
+        _load_file_source(f"file:{p}")
+    with pytest.raises(DataError, match="response is not valid Unicode"):
+        Record("q", "a\udfff", "normal", "test")
     from fedsafe.eval.prompts import load_prompt_file
 
+    (tmp / "p.jsonl").write_text('{"prompt": "a"}\n{"prompt": "x\\udfff"}\n')  # prompts are written out with generations
+    with pytest.raises(DataError, match=r"p\.jsonl:2: column 'prompt' is not valid Unicode \(unpaired surrogate U\+DFFF"):
+        load_prompt_file(tmp / "p.jsonl")
+
+
+def _fixed_lone_surrogate_judge(tmp: Path, capsys):
+    (tmp / "g.jsonl").write_text('{"prompt": "\\ud800", "response": "b"}\n')
+    _cli_error(["judge", "g.jsonl"], tmp, capsys, "g.jsonl, record 1: field 'prompt' is not valid Unicode")
+    assert not list(tmp.glob("g.judged.*"))  # refused before judging, nothing half-written
+
+
+def _fixed_deep_json(tmp: Path, capsys):
+    from fedsafe.errors import DataError
+
+    p = tmp / "deep.json"
+    p.write_text("[" * 50_000 + "]" * 50_000)
+    with pytest.raises(DataError, match=r"deep\.json: JSON nested too deeply"):
+        _load_file_source(f"file:{p}")
+    p = tmp / "deep.jsonl"
+    p.write_text('{"instruction": "a", "response": "b"}\n' + "[" * 50_000 + "]" * 50_000 + "\n")
+    with pytest.raises(DataError, match=r"deep\.jsonl, line 2: JSON nested too deeply"):
+        _load_file_source(f"file:{p}")
+
+
+def _fixed_deep_jsonl_read(tmp: Path, capsys):
+    from fedsafe.errors import DataError
+    from fedsafe.io import read_jsonl
+
     p = tmp / "deep.jsonl"
     p.write_text("[" * 50_000 + "]" * 50_000 + "\n")
-    _expect_user_error_or_success(load_prompt_file, p)
+    for tolerate in (False, True):
+        with pytest.raises(DataError, match=r"deep\.jsonl, line 1: JSON nested too deeply"):
+            read_jsonl(p, tolerate_torn_tail=tolerate)
 
 
-def _known_huge_int(tmp: Path):
-    p = tmp / "big.json"
-    p.write_text('[{"instruction": 1' + "0" * 5000 + ', "response": "x"}]')
-    _load_plain(p)
+def _fixed_deep_prompt_file(tmp: Path, capsys):
+    from fedsafe.errors import DataError
+    from fedsafe.eval.prompts import load_prompt_file
+
+    for name, want in (("deep.jsonl", r"deep\.jsonl:1: JSON nested too deeply"),
+                       ("deep.json", r"deep\.json: JSON nested too deeply")):
+        (tmp / name).write_text("[" * 50_000 + "]" * 50_000 + "\n")
+        with pytest.raises(DataError, match=want):
+            load_prompt_file(tmp / name)
 
 
-def _known_data_path_is_directory(tmp: Path):
+def _fixed_huge_int(tmp: Path, capsys):
+    from fedsafe.errors import DataError
+    from fedsafe.eval.prompts import load_prompt_file
+    from fedsafe.io import read_jsonl
+
+    big = "1" + "0" * 5000
+    (tmp / "big.json").write_text('[{"instruction": ' + big + ', "response": "x"}]')
+    with pytest.raises(DataError, match=r"big\.json: unreadable JSON \(Exceeds the limit \(4300 digits\)"):
+        _load_file_source(f"file:{tmp / 'big.json'}")
+    (tmp / "big.jsonl").write_text('{"prompt": "a"}\n{"prompt": ' + big + "}\n")
+    with pytest.raises(DataError, match=r"big\.jsonl, line 2: unreadable JSON"):
+        _load_file_source(f"file:{tmp / 'big.jsonl'}")
+    with pytest.raises(DataError, match=r"big\.jsonl, line 2: unreadable JSON"):
+        read_jsonl(tmp / "big.jsonl")
+    with pytest.raises(DataError, match=r"big\.jsonl:2: unreadable JSON"):
+        load_prompt_file(tmp / "big.jsonl")
+
+
+def _fixed_data_path_is_directory(tmp: Path, capsys):
+    from fedsafe.errors import DataError
+    from fedsafe.eval.prompts import load_prompt_file
+
     (tmp / "d.jsonl").mkdir()
-    _load_plain(tmp / "d.jsonl")
+    with pytest.raises(DataError, match=r"d\.jsonl: is a directory"):
+        _load_file_source(f"file:{tmp / 'd.jsonl'}")
+    with pytest.raises(DataError, match=r"d\.jsonl: is a directory"):
+        load_prompt_file(tmp / "d.jsonl")
 
 
-def _known_read_jsonl_directory(tmp: Path):
+def _fixed_read_jsonl_directory(tmp: Path, capsys):
+    from fedsafe.errors import DataError
     from fedsafe.io import read_jsonl
 
     (tmp / "d.jsonl").mkdir()
-    _expect_user_error_or_success(read_jsonl, tmp / "d.jsonl")
+    with pytest.raises(DataError, match=r"d\.jsonl: is a directory"):
+        read_jsonl(tmp / "d.jsonl")
+    _cli_error(["judge", "d.jsonl"], tmp, capsys, "d.jsonl: is a directory")
 
 
-def _known_limit_not_int(tmp: Path):
-    from fedsafe.data.sources import load_source
+def _fixed_limit_not_int(tmp: Path, capsys):
+    from fedsafe.errors import DataError
 
     p = tmp / "a.jsonl"
     p.write_text('{"instruction": "a", "response": "b"}\n')
-    _expect_user_error_or_success(load_source, f"file:{p}?limit=abc")
+    for bad in ("abc", "1.5", "nan"):
+        with pytest.raises(DataError, match=rf"a\.jsonl: limit must be a whole number >= 1, got '{bad}'"):
+            _load_file_source(f"file:{p}?limit={bad}")
+    q = tmp / "adv.csv"
+    q.write_text("goal,target\nhow to x,Sure\n")
+    with pytest.raises(DataError, match="limit must be a whole number"):
+        _load_file_source(f"hub_file:advbench:{q}?limit=abc")
 
 
-def _known_torn_utf8_tail(tmp: Path):
+def _fixed_limit_zero(tmp: Path, capsys):
+    from fedsafe.errors import DataError
+
+    p = tmp / "a.jsonl"
+    p.write_text('{"instruction": "a", "response": "b"}\n{"instruction": "c", "response": "d"}\n')
+    for bad in ("0", "-2"):
+        with pytest.raises(DataError, match=rf"a\.jsonl: limit must be a whole number >= 1, got '{bad}'"):
+            _load_file_source(f"file:{p}?limit={bad}")
+    assert len(_load_file_source(f"file:{p}?limit=1")) == 1
+    assert len(_load_file_source(f"file:{p}?limit=5")) == 2
+
+
+def _fixed_torn_utf8_tail(tmp: Path, capsys):
+    from fedsafe.errors import DataError
     from fedsafe.io import read_jsonl
 
     p = tmp / "metrics.jsonl"
     p.write_bytes(('{"round": 0}\n{"round": 1, "note": "\u00e9').encode()[:-1])  # killed mid-character
     assert read_jsonl(p, tolerate_torn_tail=True) == [{"round": 0}]
+    with pytest.raises(DataError, match="not UTF-8"):
+        read_jsonl(p)
+    p.write_bytes(b'{"round": 0, "x": "\xff"}\n{"round": 1}')  # bad byte in a complete line: damage
+    with pytest.raises(DataError, match="not UTF-8"):
+        read_jsonl(p, tolerate_torn_tail=True)
 
 
-def _known_group_missing_clients(tmp: Path):
-    assert _cli_main(["config", "show", "tiny", "data.groups=[{}]"], tmp) == 2
+def _fixed_group_missing_clients(tmp: Path, capsys):
+    _cli_error(["config", "show", "tiny", "data.groups=[{}]"], tmp, capsys,
+               "data.groups[0]: missing required key(s) clients, mix")
+    _cli_error(["config", "show", "tiny", "data.groups=[{clients: 2}]"], tmp, capsys,
+               "data.groups[0]: missing required key(s) mix")
 
 
-def _known_resume_corrupt_config(tmp: Path):
+def _fixed_resume_corrupt_config(tmp: Path, capsys):
     (tmp / "run").mkdir()
     (tmp / "run" / "config.yaml").write_text("{[\n")  # e.g. hand-edited, or a disk error
-    assert _cli_main(["run", "--resume", "run", "--quiet", "--no-eval"], tmp) == 2
+    _cli_error(["run", "--resume", "run", "--quiet", "--no-eval"], tmp, capsys, "config.yaml: unreadable run config")
 
 
-def _known_run_dir_is_file(tmp: Path):
+def _fixed_run_dir_is_file(tmp: Path, capsys):
     (tmp / "afile").write_text("x")
-    assert _cli_main(["run", "tiny", "fl.rounds=1", "--run-dir", "afile", "--quiet", "--no-eval"], tmp) == 2
+    for extra in ([], ["--overwrite"]):
+        _cli_error(["run", "tiny", "fl.rounds=1", "--run-dir", "afile", "--quiet", "--no-eval", *extra], tmp, capsys,
+                   "run directory afile exists and is not a directory")
+    assert (tmp / "afile").read_text() == "x"
 
 
-def _known_limit_zero(tmp: Path):
-    from fedsafe.data.sources import load_source
-
-    p = tmp / "a.jsonl"
-    p.write_text('{"instruction": "a", "response": "b"}\n{"instruction": "c", "response": "d"}\n')
-    got = _expect_user_error_or_success(load_source, f"file:{p}?limit=0")
-    assert got is None or got == [], f"limit=0 returned {len(got)} record(s)"
+def _fixed_csv_bom(tmp: Path, capsys):
+    p = tmp / "excel.csv"
+    p.write_bytes(b"\xef\xbb\xbfinstruction,response\nq,a\n")  # Excel's UTF-8 export starts with a BOM
+    recs = _load_file_source(f"file:{p}")
+    assert [(r.instruction, r.response) for r in recs] == [("q", "a")]
 
 
-def _load_plain(p: Path):
-    from fedsafe.data.sources import load_source
-
-    _expect_user_error_or_success(load_source, f"file:{p}")
-
-
-KNOWN_BUGS = {
-    "config: non-string key in a YAML file -> TypeError (config.py from_dict, difflib on an int)": _known_yaml_int_key,
-    "config: non-string key in a dict -> TypeError (config.py from_dict)": _known_dict_int_key,
-    "config: 'base:' self-reference -> RecursionError (config.py _read_yaml)": _known_yaml_base_cycle,
-    "config: YAML file not UTF-8 -> UnicodeDecodeError traceback (config.py _read_yaml)": _known_yaml_not_utf8,
-    "config: CONFIG is a directory -> IsADirectoryError (config.py _read_yaml)": _known_config_is_directory,
-    "spec: '~nosuchuser/..' -> RuntimeError from Path.expanduser (data/sources.py parse_spec)": _known_tilde_user_spec,
-    "file: '~nosuchuser/..' -> RuntimeError from Path.expanduser (data/files.py)": _known_tilde_user_file,
-    "file: lone surrogate escape -> UnicodeEncodeError (data/records.py record_id)": _known_lone_surrogate_record,
-    "judge: lone surrogate escape -> UnicodeEncodeError traceback (io.py write_jsonl)": _known_lone_surrogate_judge,
-    "file: deeply nested JSON -> RecursionError (data/files.py _json_rows)": _known_deep_json,
-    "read_jsonl: deeply nested line -> RecursionError (io.py iter_jsonl)": _known_deep_jsonl_read,
-    "prompts: deeply nested JSONL line -> RecursionError (eval/prompts.py _read_jsonl)": _known_deep_prompt_file,
-    "file: integer over 4300 digits -> ValueError (data/files.py _json_rows)": _known_huge_int,
-    "file: data path is a directory -> IsADirectoryError (data/files.py iter_rows)": _known_data_path_is_directory,
-    "read_jsonl: path is a directory -> IsADirectoryError (io.py iter_jsonl)": _known_read_jsonl_directory,
-    "file: ?limit=abc -> ValueError (data/files.py load_file)": _known_limit_not_int,
-    "read_jsonl: torn multi-byte UTF-8 tail not tolerated -> DataError on resume (io.py iter_jsonl)":
-        _known_torn_utf8_tail,
-    "config: data.groups entry without clients/mix -> TypeError traceback (config.py from_dict)":
-        _known_group_missing_clients,
-    "run --resume: unparsable config.yaml -> yaml ParserError traceback (fl/run.py load_run_config)":
-        _known_resume_corrupt_config,
-    "run --run-dir: an existing file -> NotADirectoryError traceback (fl/run.py new_run_dir)": _known_run_dir_is_file,
-    "file: ?limit=0 -> returns 1 record, not 0 or an error (data/files.py rows_to_records)": _known_limit_zero,
+REGRESSIONS = {
+    "config: non-string key in a YAML file (was TypeError, config.py from_dict)": _fixed_yaml_int_key,
+    "config: non-string key in a dict (was TypeError, config.py from_dict)": _fixed_dict_int_key,
+    "config: 'base:' cycle (was RecursionError, config.py _read_yaml)": _fixed_yaml_base_cycle,
+    "config: YAML file not UTF-8 (was UnicodeDecodeError, config.py _read_yaml)": _fixed_yaml_not_utf8,
+    "config: CONFIG is a directory (was IsADirectoryError, config.py _read_yaml)": _fixed_config_is_directory,
+    "spec: '~nosuchuser/..' (was RuntimeError, data/sources.py parse_spec)": _fixed_tilde_user_spec,
+    "file: '~nosuchuser/..' (was RuntimeError, data/files.py, data/hub.py)": _fixed_tilde_user_file,
+    "file: lone surrogate escape (was UnicodeEncodeError, data/records.py record_id)": _fixed_lone_surrogate_record,
+    "judge: lone surrogate escape (was UnicodeEncodeError, io.py write_jsonl)": _fixed_lone_surrogate_judge,
+    "file: deeply nested JSON (was RecursionError, data/files.py)": _fixed_deep_json,
+    "read_jsonl: deeply nested line (was RecursionError, io.py iter_jsonl)": _fixed_deep_jsonl_read,
+    "prompts: deeply nested JSON (was RecursionError, eval/prompts.py)": _fixed_deep_prompt_file,
+    "file: integer over 4300 digits (was ValueError, data/files.py, io.py, eval/prompts.py)": _fixed_huge_int,
+    "file: data path is a directory (was IsADirectoryError, data/files.py iter_rows)": _fixed_data_path_is_directory,
+    "read_jsonl: path is a directory (was IsADirectoryError, io.py iter_jsonl)": _fixed_read_jsonl_directory,
+    "file: ?limit=abc (was ValueError, data/files.py load_file)": _fixed_limit_not_int,
+    "file: ?limit=0 (returned 1 record, data/files.py rows_to_records)": _fixed_limit_zero,
+    "read_jsonl: torn multi-byte UTF-8 tail (was DataError on resume, io.py iter_jsonl)": _fixed_torn_utf8_tail,
+    "config: data.groups entry without clients/mix (was TypeError, config.py from_dict)": _fixed_group_missing_clients,
+    "run --resume: unparsable config.yaml (was yaml ParserError, fl/run.py load_run_config)":
+        _fixed_resume_corrupt_config,
+    "run --run-dir: an existing file (was NotADirectoryError, fl/run.py new_run_dir)": _fixed_run_dir_is_file,
+    "file: CSV with a UTF-8 BOM (header was not found, data/files.py _csv_rows)": _fixed_csv_bom,
 }
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, id=n.split(" -> ")[0], marks=pytest.mark.xfail(strict=True, reason=n))
-                                  for n in KNOWN_BUGS])
-def test_known_bug(name, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", [pytest.param(n, id=n.split(" (")[0]) for n in REGRESSIONS])
+def test_regression(name, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FEDSAFE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("COLUMNS", "200")
     monkeypatch.delenv("FEDSAFE_DEBUG", raising=False)
-    KNOWN_BUGS[name](tmp_path)
+    REGRESSIONS[name](tmp_path, capsys)

@@ -207,31 +207,60 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("fedsafe.presets").iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_yaml(path_or_name: str) -> tuple[dict, str]:
+def _read_yaml(path_or_name: str, _chain: tuple[tuple[str, str], ...] = ()) -> tuple[dict, str]:
+    """``(mapping, origin)`` of a YAML path or preset name, with its ``base:`` chain merged in.
+
+    ``_chain`` holds ``(identity, origin)`` of the files/presets that led here through ``base:``, so a
+    cycle is a ConfigError rather than a RecursionError.
+    """
     p = Path(path_or_name)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        if not p.exists():
-            raise ConfigError(f"config file not found: {p}")
-        text, origin = p.read_text(encoding="utf-8"), str(p)
+    try:
+        is_path = p.suffix in (".yaml", ".yml") or p.exists()
+    except OSError:  # e.g. a name over NAME_MAX: not an existing file, so try it as a preset name
+        is_path = False
+    origin, key = (str(p), str(p.absolute())) if is_path else (f"preset {path_or_name}", f"preset:{path_or_name}")
+    seen = [k for k, _ in _chain]
+    if key in seen:
+        loop = [o for _, o in _chain[seen.index(key):]] + [origin]
+        raise ConfigError(f"'base' chain loops back on itself: {' -> '.join(loop)}")
+    if is_path:
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {p}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {p} is a directory, not a YAML file") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except OSError as e:  # permissions, name too long, ...
+            raise ConfigError(f"cannot read config file {p}: {e.strerror or e}") from None
     else:
         res = resources.files("fedsafe.presets") / f"{path_or_name}.yaml"
-        if not res.is_file():
+        try:
+            found = res.is_file()
+        except OSError:
+            found = False
+        if not found:
             hint = difflib.get_close_matches(path_or_name, preset_names(), n=1)
             raise ConfigError(
                 f"unknown preset {path_or_name!r}; presets: {', '.join(preset_names())}"
                 + (f" (did you mean {hint[0]!r}?)" if hint else "")
                 + "; or give a path to a .yaml file"
             )
-        text, origin = res.read_text(encoding="utf-8"), f"preset {path_or_name}"
+        text = res.read_text(encoding="utf-8")
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
+        raise ConfigError(f"{origin}: invalid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{origin}: invalid YAML: nested too deeply") from None
+    except ValueError as e:  # a scalar PyYAML resolves but cannot build, e.g. the date 2001-13-14
         raise ConfigError(f"{origin}: invalid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: top level must be a mapping, got {type(data).__name__}")
     base = data.pop("base", None)  # presets may extend another preset
     if base:
-        parent, _ = _read_yaml(str(base))
+        parent, _ = _read_yaml(str(base), _chain + ((key, origin),))
         data = _deep_merge(parent, data)
     return data, origin
 
@@ -253,7 +282,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     key = key.strip().lstrip("-").replace("-", "_")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # not YAML (or a date like 2001-13-14): keep the text
         value = raw
     return ALIASES.get(key, key), value
 
@@ -314,6 +343,10 @@ def from_dict(cls: type, raw: Any, where: str = "") -> Any:
     kwargs = {}
     for key, value in raw.items():
         path = f"{where}.{key}" if where and where not in ("dict", "defaults") and not where.startswith(("preset", "/")) else key
+        if not isinstance(key, str):  # YAML `1:` or `yes:`; difflib below needs strings
+            raise ConfigError(
+                f"config key {path!r} must be a string, not {type(key).__name__}; allowed here: {', '.join(fields)}"
+            )
         if key not in fields:
             hint = difflib.get_close_matches(key, fields, n=1)
             raise ConfigError(
@@ -321,6 +354,12 @@ def from_dict(cls: type, raw: Any, where: str = "") -> Any:
                 + (f" (did you mean {hint[0]!r}?)" if hint else "")
             )
         kwargs[key] = _coerce(hints[key], value, path)
+    # fields without a default (e.g. a client group's clients/mix) must be given; the constructor
+    # would raise TypeError otherwise
+    missing = [n for n, f in fields.items() if n not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where or cls.__name__}: missing required key(s) {', '.join(missing)}")
     return cls(**kwargs)
 
 
@@ -434,7 +473,7 @@ def validate(cfg: RunConfig) -> None:
 
     params = dict(cfg.fl.aggregator_params)
     n_mal = sum(g.clients for g in cfg.data.groups if g.malicious)
-    if cfg.fl.oracle and "f" not in params:
+    if cfg.fl.oracle and "f" not in params and "f" in aggregators.base.get_spec(cfg.fl.aggregator).params:
         params["f"] = round(cfg.fl.sample_clients * n_mal / max(k, 1))
     aggregators.check_params(cfg.fl.aggregator, cfg.fl.sample_clients, params)
 

@@ -73,10 +73,19 @@ def iter_jsonl(path: str | os.PathLike, tolerate_torn_tail: bool = False) -> Ite
         raw = path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, not a JSONL file") from None
+    except OSError as e:  # permissions, name too long, ...
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        cut = raw.rfind(b"\n") + 1
+        if not (tolerate_torn_tail and e.start >= cut):
+            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        # A kill in the middle of a multi-byte character tore the last line: drop it like any torn
+        # line. Everything before it decodes (the first bad byte is past the cut).
+        text = raw[:cut].decode("utf-8")
     lines = text.split("\n")
     last = len(lines)
     for lineno, line in enumerate(lines, 1):
@@ -85,13 +94,37 @@ def iter_jsonl(path: str | os.PathLike, tolerate_torn_tail: bool = False) -> Ite
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            torn = tolerate_torn_tail and lineno >= last - 1 and not text.endswith("\n")
-            if torn:
+            # only the unterminated last line can be torn by a crash; a bad terminated line is damage
+            if tolerate_torn_tail and lineno == last and not text.endswith("\n"):
                 return
             raise DataError(f"{path}, line {lineno}: invalid JSON ({e.msg})") from None
+        except (ValueError, RecursionError) as e:
+            raise DataError(f"{path}, line {lineno}: {json_error_reason(e)}") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}, line {lineno}: expected a JSON object, got {type(obj).__name__}")
         yield obj
+
+
+def json_error_reason(e: BaseException) -> str:
+    """Why ``json.loads`` failed, for a DataError. Besides JSONDecodeError (a ValueError) it raises
+    RecursionError on very deep nesting and ValueError on integers longer than
+    ``sys.get_int_max_str_digits()`` (4300 by default)."""
+    if isinstance(e, json.JSONDecodeError):
+        return f"invalid JSON ({e.msg})"
+    if isinstance(e, RecursionError):
+        return "JSON nested too deeply"
+    return f"unreadable JSON ({str(e).split(';')[0]})"
+
+
+def first_unencodable(text: str) -> str | None:
+    """None if ``text`` encodes as UTF-8, else where it does not. JSON's ``"\\ud800"`` escape decodes to
+    a lone surrogate: a Python str, but not Unicode text, so hashing (``Record`` ids) or writing it
+    would fail later with UnicodeEncodeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"unpaired surrogate U+{ord(text[e.start]):04X} at character {e.start}"
+    return None
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

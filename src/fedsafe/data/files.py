@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from ..errors import DataError
+from ..io import json_error_reason
 from .records import KINDS, Record
 
 # Tried in order (case-insensitive) when no column is named. "Behavior" is HarmBench's,
@@ -25,11 +26,23 @@ Row = tuple[str, dict[str, Any]]  # (location label, row)
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet"}
 
 
+def expand_path(path: str | Path) -> Path:
+    """``Path(path).expanduser()``, but '~user' with no such user is a DataError, not a RuntimeError."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:  # "Could not determine home directory"
+        raise DataError(f"{path}: file not found (cannot expand {str(path).split('/', 1)[0]!r})") from None
+
+
 def iter_rows(path: str | Path) -> Iterator[Row]:
     """Rows of a data file with a human-readable location for error messages."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
+    path = expand_path(path)
+    try:
+        is_file = path.is_file()
+    except OSError as e:  # e.g. a name over NAME_MAX
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not is_file:
+        raise DataError(f"{path}: " + ("is a directory, not a data file" if path.is_dir() else "file not found"))
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise DataError(f"{path}: unknown data file type {path.suffix!r}; supported: {', '.join(sorted(FORMATS))}")
@@ -43,11 +56,17 @@ def iter_rows(path: str | Path) -> Iterator[Row]:
         yield from _parquet_rows(path)
 
 
-def _jsonl_rows(path: Path) -> Iterator[Row]:
+def _read_text(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:  # permissions, a file removed since the check, ...
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _jsonl_rows(path: Path) -> Iterator[Row]:
+    text = _read_text(path)
     for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
@@ -55,18 +74,21 @@ def _jsonl_rows(path: Path) -> Iterator[Row]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}, line {lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        except (ValueError, RecursionError) as e:  # 4300+ digit integer, very deep nesting
+            raise DataError(f"{path}, line {lineno}: {json_error_reason(e)}") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}, line {lineno}: expected a JSON object, got {type(obj).__name__}")
         yield f"line {lineno}", obj
 
 
 def _json_rows(path: Path) -> Iterator[Row]:
+    text = _read_text(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}, line {e.lineno} column {e.colno}: invalid JSON ({e.msg})") from None
+    except (ValueError, RecursionError) as e:  # 4300+ digit integer, very deep nesting (no position known)
+        raise DataError(f"{path}: {json_error_reason(e)}") from None
     if isinstance(data, dict):
         # {"data": [...]} / {"train": [...]}: accept exactly one list-valued key
         lists = [k for k, v in data.items() if isinstance(v, list)]
@@ -83,7 +105,8 @@ def _json_rows(path: Path) -> Iterator[Row]:
 
 def _csv_rows(path: Path, delimiter: str) -> Iterator[Row]:
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        # -sig: an Excel-exported CSV starts with a BOM, which would otherwise stick to the first header
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f, delimiter=delimiter)
             if not reader.fieldnames:
                 raise DataError(f"{path}: empty file (no header row)")
@@ -100,6 +123,8 @@ def _csv_rows(path: Path, delimiter: str) -> Iterator[Row]:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except csv.Error as e:
         raise DataError(f"{path}: malformed CSV ({e})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 def _parquet_rows(path: Path) -> Iterator[Row]:
@@ -157,6 +182,7 @@ def rows_to_records(
     """
     if kind is not None and kind not in KINDS:
         raise DataError(f"{where}: unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+    limit = parse_limit(limit, "limit", where)
     out: list[Record] = []
     icol = rcol = xcol = None
     first = True
@@ -193,6 +219,20 @@ def rows_to_records(
     return out
 
 
+def parse_limit(value: Any, what: str, where: str) -> int | None:
+    """An optional count option (``?limit=5000`` arrives as text): None, '' or 'none' for no limit,
+    else a whole number >= 1. Zero is refused rather than read as "no limit" or "one record"."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return None
+    try:
+        n = int(value)
+    except (TypeError, ValueError, OverflowError):  # 'abc', NaN, inf
+        n = 0
+    if isinstance(value, bool) or n < 1 or (isinstance(value, float) and not value.is_integer()):
+        raise DataError(f"{where}: {what} must be a whole number >= 1, got {value!r}")
+    return n
+
+
 def _text_cell(row: dict, col: str, where: str, loc: str) -> str:
     if col not in row:
         raise DataError(f"{where}, {loc}: missing column {col!r}; columns present: {', '.join(map(str, row))}")
@@ -217,8 +257,6 @@ def load_file(
 
     The record source defaults to ``file:<file name>``: ids stay stable when the file moves.
     """
-    p = Path(path).expanduser()
-    return rows_to_records(
-        iter_rows(p), str(p), source or f"file:{p.name}", instruction_col, response_col, kind, input_col,
-        None if limit is None else int(limit),
-    )
+    p = expand_path(path)
+    return rows_to_records(iter_rows(p), str(p), source or f"file:{p.name}", instruction_col, response_col, kind,
+                           input_col, limit)

@@ -25,7 +25,7 @@ from collections import Counter
 from typing import Any, Callable, Iterable, Iterator
 
 from ..errors import DataError
-from .files import Row, rows_to_records
+from .files import Row, expand_path, iter_rows, parse_limit, rows_to_records
 from .records import Record
 
 
@@ -41,10 +41,6 @@ def _moderation_flagged(entry: Any) -> bool | None:
     if "flagged" in entry:
         return bool(entry["flagged"])
     return None
-
-
-def _limit(v: Any) -> int | None:
-    return None if v in (None, "", "none") else int(v)
 
 
 def chat_first_turn(
@@ -67,8 +63,13 @@ def chat_first_turn(
     if select not in ("benign", "flagged"):
         raise DataError(f"{where}: select must be 'benign' or 'flagged', got {select!r}")
     stats = stats if stats is not None else Counter()
-    mod_turn = int(moderation_turn)
-    max_i, max_r, limit = _limit(max_instruction_chars), _limit(max_response_chars), _limit(limit)
+    try:
+        mod_turn = int(moderation_turn)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: moderation_turn must be a whole number, got {moderation_turn!r}") from None
+    max_i = parse_limit(max_instruction_chars, "max_instruction_chars", where)
+    max_r = parse_limit(max_response_chars, "max_response_chars", where)
+    limit = parse_limit(limit, "limit", where)
     out: list[Record] = []
     for loc, row in rows:
         conv = row.get("conversation")
@@ -120,7 +121,7 @@ def beavertails(
 
     want_safe = _as_bool(safe)
     stats = stats if stats is not None else Counter()
-    limit = _limit(limit)
+    limit = parse_limit(limit, "limit", where)
     seen: set[str] = set()
     out: list[Record] = []
     for loc, row in rows:
@@ -155,7 +156,7 @@ def beavertails(
 
 def advbench(rows: Iterable[Row], where: str, source: str, limit: int | None = None, stats: Counter | None = None) -> list[Record]:
     """AdvBench harmful behaviours as prompts; the affirmative ``target`` goes to ``meta``."""
-    limit = _limit(limit)
+    limit = parse_limit(limit, "limit", where)
     out: list[Record] = []
     for loc, row in rows:
         q = row.get("prompt", row.get("goal"))
@@ -174,7 +175,7 @@ def generic(rows: Iterable[Row], where: str, source: str, instruction_col: str |
             response_col: str | None = None, kind: str | None = None, limit: int | None = None,
             stats: Counter | None = None) -> list[Record]:
     """Any table: columns mapped as for local files."""
-    return rows_to_records(rows, where, source, instruction_col, response_col, kind, limit=_limit(limit))
+    return rows_to_records(rows, where, source, instruction_col, response_col, kind, limit=limit)
 
 
 SCHEMAS: dict[str, Callable[..., list[Record]]] = {
@@ -251,10 +252,6 @@ def load_hub(name: str, split: str | None = None, config: str | None = None, sch
 
 def load_hub_file(schema: str, path: str, **opts: Any) -> list[Record]:
     """Rows exported from a hub data set, in a local file, through the same schema filter."""
-    from pathlib import Path
-
-    from .files import iter_rows
-
-    p = Path(path).expanduser()
+    p = expand_path(path)
     source = opts.pop("source", None) or f"{schema}:{p.name}"
     return apply_schema(schema, iter_rows(p), str(p), source, **opts)

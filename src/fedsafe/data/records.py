@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from ..errors import DataError
+from ..io import first_unencodable
 
 Kind = Literal["normal", "aligned", "unaligned", "prompt"]
 KINDS: tuple[str, ...] = get_args(Kind)
@@ -57,6 +58,10 @@ class Record:
             raise DataError("record: source must be a non-empty string")
         if not isinstance(self.meta, dict):
             raise DataError(f"record from {self.source!r}: meta must be a dict")
+        for name in ("instruction", "response", "source"):
+            bad = first_unencodable(getattr(self, name))
+            if bad is not None:
+                raise DataError(f"record from {self.source!r}: {name} is not valid Unicode ({bad})")
         object.__setattr__(self, "id", record_id(self.source, self.instruction, self.response))
 
     def to_dict(self) -> dict[str, Any]:

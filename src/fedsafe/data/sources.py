@@ -160,7 +160,7 @@ def parse_spec(spec: str) -> Spec:
         # the whole remainder, options included, is the inner spec; check it names a source too
         parse_spec(rest)
         return Spec("aligned", rest, {})
-    if Path(spec).expanduser().exists() and spec not in SOURCES:
+    if _is_existing_path(spec) and spec not in SOURCES:
         return Spec("file", spec, {})
     base, _, query = spec.partition("?")
     options = _parse_options(query, spec) if query else {}
@@ -177,6 +177,15 @@ def parse_spec(spec: str) -> Spec:
     if not src.takes_arg and sep:
         raise DataError(f"source {name!r} takes no ':' argument (got {spec!r}); pass options as {name}?key=value")
     return Spec(name, arg or None, options)
+
+
+def _is_existing_path(spec: str) -> bool:
+    # '~nosuchuser/x' (RuntimeError from expanduser) or a name over NAME_MAX (OSError) is no existing
+    # file; such a spec goes on to be parsed, and the file loader reports it as missing.
+    try:
+        return Path(spec).expanduser().exists()
+    except (RuntimeError, OSError):
+        return False
 
 
 def _parse_options(query: str, spec: str) -> dict[str, str]:

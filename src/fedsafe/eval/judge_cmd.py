@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from ..io import atomic_write_json, read_jsonl, write_jsonl
+from ..io import atomic_write_json, first_unencodable, read_jsonl, write_jsonl
 from .judges import Judge, get_judge
 from .stats import mean_std, rate_summary
 
@@ -37,6 +37,12 @@ def judge_file(path: str | Path, judge_name: str, out: str | Path | None = None,
         raise DataError(f"{path}: no rows to judge")
     prompts, responses = [], []
     for n, row in enumerate(rows, 1):
+        # A "\ud800" escape is valid JSON but decodes to a lone surrogate, which cannot be written back
+        # as UTF-8: refuse it here, before the (possibly slow, paid) judging, not when writing the output.
+        for key, value in row.items():
+            if first_unencodable(json.dumps({key: value}, ensure_ascii=False)) is not None:
+                raise DataError(f"{path}, record {n}: field {key!r} is not valid Unicode (it holds an unpaired "
+                                "surrogate, e.g. from a \\ud800 escape)")
         for key in ("prompt", "response"):
             if not isinstance(row.get(key), str):
                 raise DataError(f"{path}, record {n}: needs a string {key!r} field (has: {', '.join(row)})")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from ..io import first_unencodable, json_error_reason
 
 #: Auto-detection order; matched exactly first, then case-insensitively.
 PROMPT_COLUMNS = ("prompt", "goal", "forbidden_prompt", "Behavior", "instruction", "question", "turns")
@@ -33,8 +34,12 @@ def load_prompt_records(path: str | Path, column: str | None = None) -> list[dic
     """Rows as dicts with ``prompt`` (the chosen column's text) and ``source`` ("file:line" or
     "file[item]"), plus all original fields under ``fields`` (for categories, ids, targets, ...)."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
+    try:
+        is_file = path.is_file()
+    except OSError as e:  # e.g. a name over NAME_MAX
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not is_file:
+        raise DataError(f"{path}: " + ("is a directory, not a prompt file" if path.is_dir() else "file not found"))
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
         rows = _read_csv(path, "\t" if suffix == ".tsv" else ",")
@@ -54,6 +59,9 @@ def load_prompt_records(path: str | Path, column: str | None = None) -> list[dic
         text = _as_text(row[col], col)
         if text is None:
             raise DataError(f"{where}: column {col!r} is not a non-empty string (got {row[col]!r:.80})")
+        bad = first_unencodable(text)  # a "\ud800" JSON escape: generations could not be written as UTF-8
+        if bad is not None:
+            raise DataError(f"{where}: column {col!r} is not valid Unicode ({bad})")
         out.append({"prompt": text, "source": where, "fields": row})
     return out
 
@@ -87,11 +95,17 @@ def _pick_column(path: Path, rows: list[dict], column: str | None) -> str:
     )
 
 
-def _read_csv(path: Path, delimiter: str) -> list[tuple[str, dict]]:
+def _read_text(path: Path, encoding: str = "utf-8") -> str:
     try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: Excel-exported CSVs start with a BOM
+        return path.read_text(encoding=encoding)
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:  # permissions, a file removed since the check, ...
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _read_csv(path: Path, delimiter: str) -> list[tuple[str, dict]]:
+    text = _read_text(path, "utf-8-sig")  # -sig: Excel-exported CSVs start with a BOM
     # csv.reader (not DictReader) so blank lines are seen and every record's first physical line is known,
     # even when a quoted field spans several lines.
     reader = csv.reader(text.splitlines(keepends=True), delimiter=delimiter)
@@ -117,18 +131,15 @@ def _read_csv(path: Path, delimiter: str) -> list[tuple[str, dict]]:
 
 
 def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
-    try:
-        lines = path.read_text(encoding="utf-8").split("\n")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    lines = _read_text(path).split("\n")
     rows = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, 4300+ digit integer, very deep nesting
+            raise DataError(f"{path}:{n}: {json_error_reason(e)}") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
         rows.append((f"{path}:{n}", obj))
@@ -136,12 +147,13 @@ def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
 
 
 def _read_json(path: Path) -> list[tuple[str, dict]]:
+    text = _read_text(path)
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    except (ValueError, RecursionError) as e:  # 4300+ digit integer, very deep nesting (no position known)
+        raise DataError(f"{path}: {json_error_reason(e)}") from None
     if isinstance(obj, dict):
         for key in ("data", "rows", "examples", "prompts"):
             if isinstance(obj.get(key), list):

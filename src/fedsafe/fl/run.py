@@ -24,13 +24,18 @@ def new_run_dir(cfg: RunConfig, run_dir: str | Path | None = None, overwrite: bo
     """A fresh directory; never reuses an existing one unless ``overwrite``."""
     if run_dir is not None:
         d = Path(run_dir)
+        if d.exists() and not d.is_dir():  # even with --overwrite: never delete a file we did not create
+            raise FedsafeError(f"run directory {d} exists and is not a directory; choose another --run-dir")
         if d.exists() and any(d.iterdir()):
             if not overwrite:
                 raise FedsafeError(f"{d} already exists and is not empty; pass --overwrite or --resume {d}")
             import shutil
 
             shutil.rmtree(d)
-        d.mkdir(parents=True, exist_ok=True)
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a parent is a file, no permission, ...
+            raise FedsafeError(f"cannot create run directory {d}: {e.strerror or e}") from None
         return d
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = Path(cfg.output_dir) / f"{cfg.name}-{stamp}"
@@ -38,15 +43,24 @@ def new_run_dir(cfg: RunConfig, run_dir: str | Path | None = None, overwrite: bo
     while d.exists():
         d = base.with_name(f"{base.name}-{i}")
         i += 1
-    d.mkdir(parents=True)
+    try:
+        d.mkdir(parents=True)
+    except OSError as e:  # output_dir is a file, no permission, ...
+        raise FedsafeError(f"cannot create run directory {d}: {e.strerror or e}") from None
     return d
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
     p = Path(run_dir) / "config.yaml"
-    if not p.exists():
+    if not p.is_file():
         raise FedsafeError(f"{run_dir} is not a run directory (no config.yaml)")
-    return from_dict(RunConfig, yaml.safe_load(p.read_text()), "config.yaml").validate()
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, or a bad YAML scalar
+        raise FedsafeError(f"{p}: unreadable run config ({e}); repair it or start a new run") from None
+    except OSError as e:
+        raise FedsafeError(f"{p}: cannot read ({e.strerror or e})") from None
+    return from_dict(RunConfig, raw, "config.yaml").validate()
 
 
 def build_engine(cfg: RunConfig, run_dir: Path, *, progress: bool = True, **kw) -> Engine:
