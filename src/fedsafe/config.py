@@ -120,6 +120,8 @@ class DefenseConfig:
     every_rounds: int = 0  # in-training variant: fine-tune on Level-1 data every k rounds (0 = post-hoc only)
     inline_steps: int = 10  # steps per in-training application
     generator: str = ""  # Level 2: model name/path or endpoint:URL#model
+    n_generated: int = 0  # Levels 2/3: samples to generate (0 = defense.n); generation is the slow part on CPU
+    gen_max_new_tokens: int = 64  # Levels 2/3: tokens per generated response
 
 
 @dataclass

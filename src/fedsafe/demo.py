@@ -114,7 +114,10 @@ def run_demo(preset: str = "demo", overrides: list[str] | None = None, out_dir: 
         label = f"FedAvg (attack) + post-hoc defense L{lvl}"
         console.rule(f"[bold]{label}")
         if not (d / "results.json").exists():
-            defend_run(attacked, level=lvl, out=d, progress=progress)
+            # the defense settings come from this demo's preset (not the attacked run's copy), so a resumed
+            # demo picks up the current preset
+            over = {k: getattr(base.defense, k) for k in ("n_generated", "gen_max_new_tokens", "generator")}
+            defend_run(attacked, level=lvl, out=d, progress=progress, cfg_overrides=over)
         atomic_write_text(d / "label.txt", label + "\n")
         timings[f"defense_L{lvl}"] = round(time.time() - t0, 1)
         run_dirs.append(d)

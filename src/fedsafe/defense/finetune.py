@@ -96,8 +96,10 @@ def defend_run(source: str | Path, *, level: int | None = None, steps: int | Non
                            "finish or resume that run first")
     cfg = load_run_config(source)
     d = cfg.defense
-    d = dataclasses.replace(d, enabled=True, level=level or d.level, steps=steps or d.steps, n=n or d.n,
-                            generator=generator if generator is not None else d.generator, **(cfg_overrides or {}))
+    repl = dict(enabled=True, level=level or d.level, steps=steps or d.steps, n=n or d.n,
+                generator=generator if generator is not None else d.generator)
+    repl.update(cfg_overrides or {})
+    d = dataclasses.replace(d, **repl)
     if d.level not in (1, 2, 3):
         raise FedsafeError(f"--level must be 1, 2 or 3, got {d.level}")
     if d.steps <= 0 or d.n <= 0:
@@ -165,7 +167,8 @@ def build_defense_records(cfg: RunConfig, fed, rt, global_vec: torch.Tensor, pro
 
         spec = d.generator or "smollm2-135m-instruct"
         gen = make_generator(spec, progress=progress)
-        recs, prov = ddata.generated(gen, d.n, d.aligned_ratio, seed=cfg.seed, filter_refusals=d.filter_refusals,
+        recs, prov = ddata.generated(gen, d.n_generated or d.n, d.aligned_ratio, seed=cfg.seed,
+                                     filter_refusals=d.filter_refusals, max_new_tokens=d.gen_max_new_tokens,
                                      source=f"L2:{spec}", exclude=exclude,
                                      cache_key=None if spec.startswith("endpoint:") else {"gen": spec, "level": 2})
         prov.update(level=2, generator=spec)
@@ -179,7 +182,8 @@ def build_defense_records(cfg: RunConfig, fed, rt, global_vec: torch.Tensor, pro
     rt.handle.set_flat(global_vec)
     gen = HFGenerator(rt.model, rt.tokenizer, partial(format_prompt, cfg.model.template, rt.tokenizer),
                       batch_size=cfg.eval.batch_size, progress=progress)
-    recs, prov = ddata.generated(gen, d.n, d.aligned_ratio, seed=cfg.seed, filter_refusals=d.filter_refusals,
+    recs, prov = ddata.generated(gen, d.n_generated or d.n, d.aligned_ratio, seed=cfg.seed,
+                                 filter_refusals=d.filter_refusals, max_new_tokens=d.gen_max_new_tokens,
                                  source="L3:self", exclude=exclude)
     prov.update(level=3, generator="the aggregated global model (self-alignment)")
     return recs, prov
