@@ -56,14 +56,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--only", default="engine,generation,prefix,aggregators", help="comma-separated subset")
     a = ap.parse_args()
     m = ["--model", a.model]
-    res = {"machine": _machine(), "benchmarks": {
-        "engine": _run("engine", m + (["--repeats", "2"] if a.quick else [])),
-        "generation": _run("generation", m + (["--prompts", "16"] if a.quick else [])),
-        "prefix": _run("prefix", m + (["--repeats", "2"] if a.quick else [])),
-        "aggregators": _run("aggregators", ["--quick"] if a.quick else []),
-    }}
+    args = {"engine": m + (["--repeats", "2"] if a.quick else []),
+            "generation": m + (["--prompts", "16"] if a.quick else []),
+            "prefix": m + (["--repeats", "2"] if a.quick else []),
+            "aggregators": ["--quick"] if a.quick else []}
+    only = a.only.split(",")
+    res = {"machine": _machine(), "benchmarks": {k: (_run(k, v) if k in only else {"ok": False, "error": "not run",
+                                                                                    "command": f"bench_{k}.py"})
+                                                 for k, v in args.items()}}
     (HERE / "results.json").write_text(json.dumps(res, indent=2) + "\n")
     (HERE / "results.md").write_text(render(res))
     print(f"wrote {HERE / 'results.md'}")
