@@ -8,7 +8,7 @@ Three workflows, killed and compared with an uninterrupted twin, plus disk-level
   ``metrics.jsonl`` / ``forensics.jsonl`` must hold rounds 0..5 exactly once;
 * ``fedsafe defend`` killed mid fine-tune, rerun with the same ``--out``: same final adapter, every
   step's metrics line exactly once;
-* ``fedsafe sweep tiny --grid fl.rounds=1,2`` killed inside the second cell, rerun: both cells complete,
+* ``fedsafe sweep tiny --grid fl.rounds=1,8`` killed inside the second cell, rerun: both cells complete,
   the finished cell not recomputed (its ``results.json`` and adapter keep their mtime);
 * a finished run directory damaged on disk (newest checkpoint bit-flipped, older sidecars missing or
   empty, stray temp files, a torn metrics line) resumes from the newest checkpoint that verifies and
@@ -301,9 +301,10 @@ def test_resume_skips_corrupt_checkpoints_and_torn_files(tmp_path, env, referenc
 def test_sweep_killed_in_second_cell_resumes_without_recomputing(tmp_path, env):
     rng = random.Random(SEED + 2)
     s = tmp_path / "sweep"
-    args = ["sweep", "tiny", f"fl.local_steps={LOCAL_STEPS}", "eval.max_new_tokens=4", "--grid", "fl.rounds=1,2",
+    # cell 2 runs many rounds so that the kill (polled, after its first round) always lands inside it
+    args = ["sweep", "tiny", f"fl.local_steps={LOCAL_STEPS}", "eval.max_new_tokens=4", "--grid", "fl.rounds=1,8",
             "--out", s, "--quiet"]
-    c1, c2 = s / "cells" / "fl.rounds=1_seed0", s / "cells" / "fl.rounds=2_seed0"
+    c1, c2 = s / "cells" / "fl.rounds=1_seed0", s / "cells" / "fl.rounds=8_seed0"
     delay = rng.uniform(0.0, 0.2)
     p = start(args, env, tmp_path)
     hit = kill_when(p, lambda: (c1 / "results.json").exists() and bool(jsonl_rows(c2 / "metrics.jsonl")), delay,
@@ -317,7 +318,7 @@ def test_sweep_killed_in_second_cell_resumes_without_recomputing(tmp_path, env):
     run_ok(args, env, tmp_path, "sweep rerun")
     for f, t in stamp.items():
         assert (c1 / f).stat().st_mtime_ns == t, f"finished cell recomputed: {f} rewritten"
-    for c, r in ((c1, 1), (c2, 2)):
+    for c, r in ((c1, 1), (c2, 8)):
         assert (c / "results.json").exists() and (c / "label.txt").exists()
         assert [x["round"] for x in jsonl_rows(c / "metrics.jsonl")] == list(range(r))
     assert json.loads((s / "failures.json").read_text()) == {}
