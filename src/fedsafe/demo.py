@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
+import sys
 import time
 from pathlib import Path
 
 from rich.console import Console
 
 from .config import RunConfig, load_config
-from .errors import FedsafeError
 from .io import atomic_write_json, atomic_write_text
 
 console = Console(stderr=True)
@@ -132,6 +131,6 @@ def run_demo(preset: str = "demo", overrides: list[str] | None = None, out_dir: 
     console.rule("[bold]timings (s)")
     for k, v in timings.items():
         console.print(f"  {k:32s} {v:8.1f}")
-    print((rep / "table.md").read_text(), file=__import__("sys").stderr)
+    print((rep / "table.md").read_text(), file=sys.stderr)
     console.print(f"report: {rep / 'index.html'}")
     return root

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .config import load_config, parse_override
+from .config import load_config
 from .errors import ConfigError, FedsafeError
 from .io import atomic_write_json, atomic_write_text
 

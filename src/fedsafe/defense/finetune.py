@@ -12,6 +12,7 @@ for the steps sweep (paper Fig. 6). The result is a new run directory linked to 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from pathlib import Path
@@ -121,10 +122,14 @@ def defend_run(source: str | Path, *, level: int | None = None, steps: int | Non
         from ..data.records import Record
 
         records = [Record.from_dict(r) for r in read_jsonl(out / "defense_data.jsonl")]
-        prov = __import__("json").loads((out / "defense.json").read_text())["data"]
+        prov = json.loads((out / "defense.json").read_text())["data"]
     else:
         records, prov = build_defense_records(cfg, fed, rt, start, progress=progress)
-        _check_disjoint(records, fed)
+        if not cfg.data.allow_contamination:
+            from ..data.contamination import assert_no_contamination
+
+            # defense data never goes through build_federation's check, so check it here
+            assert_no_contamination(fed.eval_harmful + fed.eval_benign, {"defense": records}, what="defense data")
         write_jsonl(out / "defense_data.jsonl", [r.to_dict() for r in records])
         atomic_write_text(out / "config.yaml", dump_yaml(cfg))
         atomic_write_json(out / "defense.json", {"source_run": str(source.resolve()), "level": d.level,
@@ -187,19 +192,6 @@ def build_defense_records(cfg: RunConfig, fed, rt, global_vec: torch.Tensor, pro
                                  source="L3:self", exclude=exclude)
     prov.update(level=3, generator="the aggregated global model (self-alignment)")
     return recs, prov
-
-
-def _check_disjoint(records, fed) -> None:
-    from ..data.contamination import check_contamination
-
-    overlaps = check_contamination(fed.eval_harmful + fed.eval_benign, {"defense": records})
-    if overlaps and not fed_allow(fed):
-        raise FedsafeError(f"defense data overlaps {len(overlaps)} evaluation prompts (e.g. {overlaps[0]}); "
-                           "set data.allow_contamination=true to override")
-
-
-def fed_allow(fed) -> bool:
-    return bool(getattr(fed, "allow_contamination", False))
 
 
 def inline_defense_hook(cfg: RunConfig, fed, rt):

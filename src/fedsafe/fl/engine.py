@@ -26,7 +26,7 @@ import torch
 from .. import aggregators
 from ..config import RunConfig
 from ..errors import FedsafeError
-from ..io import append_jsonl, atomic_write_json, read_jsonl, write_jsonl
+from ..io import append_jsonl, read_jsonl, write_jsonl
 from ..runtime import Runtime, get_runtime
 from . import checkpoint
 from .server_opt import ScaffoldState, ServerOptimizer

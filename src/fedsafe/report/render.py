@@ -8,7 +8,7 @@ import html
 import io
 from pathlib import Path
 
-from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
+from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .collect import fmt_rate, load_run, table_rows
 
 COLUMNS = [("method", "Method"), ("refusal", "Refusal on harmful ↑ (%)"), ("false_refusal", "False refusal on benign ↓ (%)"),
