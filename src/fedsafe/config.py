@@ -76,6 +76,7 @@ class FLConfig:
     max_update_norm: float = 1e6  # absurd-norm guard for client updates
     min_clients: int = 1  # skip the round if fewer valid updates remain
     prefix_cache: bool = True  # with lora.layers > 0: cache hidden states below the adapted layers once per run
+    batch_clients: int = 1  # train up to this many sampled clients together in one batched forward (1 = one by one)
 
 
 @dataclass
@@ -454,6 +455,11 @@ def validate(cfg: RunConfig) -> None:
             f"model.max_prompt_length ({cfg.model.max_prompt_length}) must be below model.seq_length "
             f"({cfg.model.seq_length}) so the response keeps some tokens"
         )
+    if cfg.fl.batch_clients < 1:
+        raise ConfigError(f"fl.batch_clients must be >= 1 (1 = train clients one by one), got {cfg.fl.batch_clients}")
+    if cfg.fl.batch_clients > 1 and not cfg.fl.reset_optimizer:
+        raise ConfigError("fl.batch_clients > 1 needs fl.reset_optimizer: true (batched clients start each round "
+                          "with a fresh AdamW, as the paper); set fl.batch_clients=1 to keep optimiser state")
     if cfg.lora.layers < 0:
         raise ConfigError(f"lora.layers must be >= 0 (0 = all layers), got {cfg.lora.layers}")
     if not cfg.lora.target_modules:

@@ -167,6 +167,40 @@ class Engine:
         metrics = {"loss": res.loss, "tokens": res.tokens, "seconds": time.time() - t0}
         return rt.handle.state_dict(y), metrics
 
+    def _client_updates(self, sampled: list[int], rnd: int, lr: float):
+        """(client, adapter state dict, metrics) for every sampled client: one by one, or in groups of
+        ``fl.batch_clients`` trained together in one batched forward (see :mod:`fedsafe.fl.batched`)."""
+        g = self.cfg.fl.batch_clients
+        for s in range(0, len(sampled), g):
+            group = sampled[s : s + g]
+            if len(group) == 1:
+                yield group[0], *self.client_update(group[0], rnd, lr)
+            else:
+                yield from self.client_group_update(group, rnd, lr)
+
+    def client_group_update(self, cids: list[int], rnd: int, lr: float):
+        """Train ``cids`` together from the global adapter; same per-client batches as :meth:`client_update`."""
+        from .batched import train_clients_batched
+
+        fl, rt = self.cfg.fl, self.rt
+        seeds = [derive_seed(self.cfg.seed, rnd, c) for c in cids]
+        torch.manual_seed(seeds[0])  # LoRA dropout: one stream for the group (see fl/batched.py)
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        t0 = time.time()
+        results = train_clients_batched(
+            rt.handle, [self.examples[c] for c in cids], self.global_vec, steps=fl.local_steps,
+            batch_size=fl.batch_size, grad_accum=fl.grad_accum, lr=lr, pad_id=rt.pad_id, device=rt.device, gens=gens,
+            weight_decay=fl.weight_decay, max_grad_norm=fl.max_grad_norm, autocast=self.cfg.model.autocast,
+            prox_mu=fl.prox_mu if fl.fed_alg == "fedprox" else 0.0,
+            grad_corrections=[self.scaffold.correction(c) for c in cids] if self.scaffold else None,
+            prefix_fns=[self._prefix_fn(c) for c in cids] if self.use_prefix else None, first_layer=self.first_layer,
+        )
+        seconds = (time.time() - t0) / len(cids)
+        for cid, gen, (res, y) in zip(cids, gens, results):
+            if cid in self.malicious:
+                y = self._malicious_behaviour(y, gen)
+            yield cid, rt.handle.state_dict(y), {"loss": res.loss, "tokens": res.tokens, "seconds": seconds}
+
     def _prefix_fn(self, cid: int):
         recs, ex = self.fed.clients[cid].records, self.examples[cid]
         return lambda idx: self.rt.prefix([recs[i] for i in idx], [ex[i] for i in idx])
@@ -206,8 +240,7 @@ class Engine:
         lr = lr_at_round(rnd, fl.rounds, fl.lr, fl.lr_min, fl.lr_schedule)
         sampled = sample_clients(self.cfg.seed, rnd, self.K, fl.sample_clients, self.malicious, fl.sampling)
         vecs, ids, losses, rejected, dcs = [], [], {}, {}, []
-        for cid in sampled:
-            sd, m = self.client_update(cid, rnd, lr)
+        for cid, sd, m in self._client_updates(sampled, rnd, lr):
             if self.update_hook is not None:
                 sd = self.update_hook(cid, rnd, sd)
             try:

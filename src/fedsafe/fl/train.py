@@ -30,11 +30,19 @@ def response_loss(model, batch: dict[str, torch.Tensor], autocast: str = "none")
     With ``batch["prefix"]`` (cached hidden states entering the first adapted layer, see
     :func:`prefix_hidden`) only the decoder layers from ``batch["first_layer"]`` on are run.
     """
+    logits, targets, _rows = response_logits(model, batch, autocast)
+    n = int(targets.numel())
+    if n == 0:
+        return logits.sum() * 0.0, 0
+    return F.cross_entropy(logits.float(), targets), n
+
+
+def response_logits(model, batch: dict[str, torch.Tensor], autocast: str = "none"):
+    """Logits at response positions only, their targets, and the batch row each one comes from."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     device = batch["labels"].device
     labels = batch["labels"][:, 1:]
     sel = labels != IGNORE
-    n = int(sel.sum())
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     head = base.get_output_embeddings()
     with autocast_ctx(autocast, device):
@@ -48,9 +56,7 @@ def response_loss(model, batch: dict[str, torch.Tensor], autocast: str = "none")
         else:
             h = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
             logits = head(h[:, :-1][sel])
-    if n == 0:
-        return logits.sum() * 0.0, 0
-    return F.cross_entropy(logits.float(), labels[sel]), n
+    return logits, labels[sel], sel.nonzero(as_tuple=True)[0]
 
 
 @contextlib.contextmanager
