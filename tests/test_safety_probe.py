@@ -26,6 +26,24 @@ def test_soft_mode_down_weights():
     assert same.client_weights.tolist() == pytest.approx([0.5, 0.5])
 
 
+def test_rank_mode_drops_the_top_f_only_if_they_erode_safety():
+    x = torch.tensor([[1.0], [2.0], [9.0]])
+    # small differences that the robust z-score would keep: rank drops the worst one
+    s = torch.tensor([[0.01, 0.0], [0.02, 0.0], [0.05, 0.0]])
+    assert REGISTRY["safety_probe"](x, None, probe_scores=s).client_weights.tolist() == pytest.approx([1 / 3] * 3)
+    r = REGISTRY["safety_probe"](x, None, probe_scores=s, mode="rank", f=1)
+    assert r.client_weights.tolist() == pytest.approx([0.5, 0.5, 0.0])
+    assert torch.allclose(r.aggregate, torch.tensor([1.5]))
+    # a top score that does not raise the safe NLL is kept; f=0 keeps everyone
+    ok = torch.tensor([[-0.03, 0.0], [-0.02, 0.0], [-0.01, 0.0]])
+    assert REGISTRY["safety_probe"](x, None, probe_scores=ok, mode="rank", f=1).client_weights.tolist() == \
+        pytest.approx([1 / 3] * 3)
+    assert REGISTRY["safety_probe"](x, None, probe_scores=s, mode="rank", f=0).client_weights.tolist() == \
+        pytest.approx([1 / 3] * 3)
+    with pytest.raises(ConfigError, match="f=3"):
+        REGISTRY["safety_probe"](x, None, probe_scores=s, mode="rank", f=3)
+
+
 def test_needs_probe_scores_and_validates_params():
     with pytest.raises(ConfigError, match="probe"):
         REGISTRY["safety_probe"](torch.ones(2, 3), None)
