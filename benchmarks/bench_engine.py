@@ -25,18 +25,22 @@ import time
 import torch
 
 
+AUTOCAST = "bf16" if torch.cuda.is_available() else "none"  # GPU: fp32 adapter, bf16 compute
+
+
 def _cfg(model: str, extra: list[str]):
     from fedsafe.config import load_config
 
     base = "tiny" if model == "tiny" else "demo"
-    return load_config(base, [f"model.name={model}", "monitor.every=0", "eval.max_new_tokens=4"] + extra)
+    return load_config(base, [f"model.name={model}", "monitor.every=0", "eval.max_new_tokens=4",
+                              f"model.autocast={AUTOCAST}"] + extra)
 
 
 def overhead(model: str, steps: int, repeats: int) -> dict:
     from fedsafe.data.templates import collate
     from fedsafe.fl.engine import sample_clients
     from fedsafe.fl.run import build_engine
-    from fedsafe.fl.train import batch_plan, lr_at_round, response_loss
+    from fedsafe.fl.train import autocast_ctx, batch_plan, lr_at_round, response_loss
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     cfg = _cfg(model, [f"fl.local_steps={steps}", "fl.sample_clients=1", "fl.rounds=100", "fl.checkpoint_every=1",
@@ -67,21 +71,29 @@ def overhead(model: str, steps: int, repeats: int) -> dict:
                 for b in batches:
                     opt.zero_grad(set_to_none=True)
                     if kind == "same":
-                        loss, _ = response_loss(rt.model, b)
+                        loss, _ = response_loss(rt.model, b, AUTOCAST)
                     else:
-                        loss = rt.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                                        labels=b["labels"]).loss
+                        with autocast_ctx(AUTOCAST, rt.device):
+                            loss = rt.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                            labels=b["labels"]).loss
                     loss.backward()
                     opt.step()
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()  # GPU work is asynchronous: wait before reading the clock
                 rt.model.eval()
                 store.append((time.perf_counter() - t0) / steps)
             if rep > 0:
                 engine_t.append(te)
         e, p, h = statistics.median(engine_t), statistics.median(plain_t[1:]), statistics.median(plain_hf_t[1:])
         tokens = sum(len(x.input_ids) for x in eng.examples[0][: fl.batch_size])
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from hw import accelerator_figures, n_params
+
+        train = accelerator_figures(tokens / e, n_params(rt.model), 4)  # LoRA training: 4N per token
         return {"model": model, "steps_per_round": steps, "batch_size": fl.batch_size, "repeats": repeats,
                 "engine_s_per_step": e, "plain_same_loss_s_per_step": p, "plain_hf_loss_s_per_step": h,
                 "overhead_vs_same_loss": e / p, "ratio_vs_hf_loss": e / h, "approx_tokens_per_step": tokens,
+                "training": train, "autocast": AUTOCAST,
                 "target": "overhead_vs_same_loss <= 1.10"}
 
 

@@ -9,6 +9,7 @@ measured side by side in one process (these machines are noisy); times are media
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -52,24 +53,89 @@ def _run(name: str, args: list[str]) -> dict:
     return rec
 
 
+TITLES = {
+    "engine": "Engine overhead and memory",
+    "peer": "Peer: an OpenFedLLM-style loop (new TRL SFTTrainer per client per round) vs ours",
+    "generation": "Generation: batched vs batch size 1",
+    "prefix": "Frozen-prefix caching (LoRA on the top L layers)",
+    "batched": "Batched clients (fl.batch_clients)",
+    "aggregators": "Aggregation",
+}
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats")
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--only", default="engine,generation,prefix,aggregators", help="comma-separated subset")
+    ap.add_argument("--only", default=",".join(TITLES), help="comma-separated subset; the others keep their "
+                    "previous figures in results.json")
     a = ap.parse_args()
     m = ["--model", a.model]
     args = {"engine": m + (["--repeats", "2"] if a.quick else []),
+            "peer": m + (["--rounds", "1"] if a.quick else []),
             "generation": m + (["--prompts", "16"] if a.quick else []),
             "prefix": m + (["--repeats", "2"] if a.quick else []),
-            "aggregators": ["--quick"] if a.quick else []}
-    only = a.only.split(",")
-    res = {"machine": _machine(), "benchmarks": {k: (_run(k, v) if k in only else {"ok": False, "error": "not run",
-                                                                                    "command": f"bench_{k}.py"})
-                                                 for k, v in args.items()}}
+            "batched": m + (["--clients", "3", "--repeats", "1"] if a.quick else []),
+            "aggregators": ["--quick"] if a.quick else ["--full"]}
+    only = [x for x in a.only.split(",") if x]
+    unknown = sorted(set(only) - set(TITLES))
+    if unknown:
+        raise SystemExit(f"unknown benchmark(s) {unknown}; choose from {', '.join(TITLES)}")
+    prev_file = HERE / "results.json"
+    prev = json.loads(prev_file.read_text()).get("benchmarks", {}) if prev_file.exists() else {}
+    machine = _machine()
+    bench = {}
+    for k in TITLES:
+        if k in only:
+            bench[k] = _run(k, args[k]) | {"machine": machine}
+        else:  # keep what an earlier run measured, with its own machine and date
+            bench[k] = prev.get(k) or {"ok": False, "error": "not run yet", "command": f"bench_{k}.py"}
+    res = {"machine": machine, "benchmarks": bench}
     (HERE / "results.json").write_text(json.dumps(res, indent=2) + "\n")
     (HERE / "results.md").write_text(render(res))
     print(f"wrote {HERE / 'results.md'}")
+
+
+def _engine_md(e: dict) -> list[str]:
+    o, mem = e["overhead"], e["memory"]
+    return ["| figure | value | target |", "|---|---|---|",
+            f"| engine s / local step | {o['engine_s_per_step']:.3f} | |",
+            f"| plain PEFT loop s / step (same loss) | {o['plain_same_loss_s_per_step']:.3f} | |",
+            f"| plain PEFT loop s / step (HF `labels=` loss) | {o['plain_hf_loss_s_per_step']:.3f} | |",
+            f"| overhead (engine ÷ plain, same loss) | {o['overhead_vs_same_loss']:.3f} | <= 1.10 |",
+            f"| engine ÷ plain HF-loss loop | {o['ratio_vs_hf_loss']:.3f} | |",
+            f"| peak RSS K=10 / K=100 (MB) | {mem['peak_rss_mb_k10']:.0f} / {mem['peak_rss_mb_k100']:.0f} | |",
+            f"| RSS ratio K=100 ÷ K=10 | {mem['ratio']:.3f} | <= 1.2 |", ""]
+
+
+def _generation_md(g: dict) -> list[str]:
+    bs = [k for k in g if k.startswith("bs") and k != "bs1"][0]
+    return ["| batch | tokens/s |", "|---|---|", f"| 1 | {g['bs1']['tokens_per_s']:.1f} |",
+            f"| {bs[2:]} | {g[bs]['tokens_per_s']:.1f} |", "", f"Speed-up {g['speedup']:.2f}x (target >= 4x).", ""]
+
+
+def _prefix_md(p: dict) -> list[str]:
+    lines = ["| L | full forward s/step | cached s/step | speed-up | prefix once (s, per batch) | loss full / cached |",
+             "|---|---|---|---|---|---|"]
+    for r in p["rows"]:
+        lines.append(f"| {r['L']} | {r['full_s_per_step']:.3f} | {r['cached_s_per_step']:.3f} | {r['speedup']:.2f}x | "
+                     f"{r['prefix_once_s']:.3f} | {r['loss_full']:.5f} / {r['loss_cached']:.5f} |")
+    return lines + [""]
+
+
+def _module_md(name: str, result: dict) -> list[str]:
+    """Sections whose script knows best how to show itself: ``bench_<name>.render(result)``."""
+    sys.path.insert(0, str(HERE))
+    try:
+        mod = importlib.import_module(f"bench_{name}")
+    finally:
+        sys.path.pop(0)
+    if hasattr(mod, "render"):
+        return list(mod.render(result))
+    return ["```", json.dumps(result, indent=1)[:6000], "```", ""]
+
+
+SECTION_MD = {"engine": _engine_md, "generation": _generation_md, "prefix": _prefix_md}
 
 
 def render(res: dict) -> str:
@@ -77,48 +143,21 @@ def render(res: dict) -> str:
     lines = ["# Benchmark results", "",
              f"Machine: {mach['platform']}, {mach['cpus']} CPUs, GPU: {mach['cuda'] or 'none'}; Python {mach['python']}, "
              f"torch {mach['torch']}, transformers {mach['transformers']}, peft {mach['peft']}; {mach['date']}.", "",
-             "Re-run everything with `python benchmarks/run_all.py`; each section gives its own command.", ""]
-    b = res["benchmarks"]
-    e = b["engine"].get("result")
-    lines += ["## Engine overhead and memory", "", f"`{b['engine']['command']}`", ""]
-    if e:
-        o, mem = e["overhead"], e["memory"]
-        lines += ["| figure | value | target |", "|---|---|---|",
-                  f"| engine s / local step | {o['engine_s_per_step']:.3f} | |",
-                  f"| plain PEFT loop s / step (same loss) | {o['plain_same_loss_s_per_step']:.3f} | |",
-                  f"| plain PEFT loop s / step (HF `labels=` loss) | {o['plain_hf_loss_s_per_step']:.3f} | |",
-                  f"| overhead (engine ÷ plain, same loss) | {o['overhead_vs_same_loss']:.3f} | <= 1.10 |",
-                  f"| engine ÷ plain HF-loss loop | {o['ratio_vs_hf_loss']:.3f} | |",
-                  f"| peak RSS K=10 / K=100 (MB) | {mem['peak_rss_mb_k10']:.0f} / {mem['peak_rss_mb_k100']:.0f} | |",
-                  f"| RSS ratio K=100 ÷ K=10 | {mem['ratio']:.3f} | <= 1.2 |", ""]
-    else:
-        lines += ["failed:", "```", b["engine"].get("error", ""), "```", ""]
-    g = b["generation"].get("result")
-    lines += ["## Generation: batched vs batch size 1", "", f"`{b['generation']['command']}`", ""]
-    if g:
-        bs = [k for k in g if k.startswith("bs") and k != "bs1"][0]
-        lines += ["| batch | tokens/s |", "|---|---|", f"| 1 | {g['bs1']['tokens_per_s']:.1f} |",
-                  f"| {bs[2:]} | {g[bs]['tokens_per_s']:.1f} |", "",
-                  f"Speed-up {g['speedup']:.2f}x (target >= 4x).", ""]
-    else:
-        lines += ["failed:", "```", b["generation"].get("error", ""), "```", ""]
-    p = b["prefix"].get("result")
-    lines += ["## Frozen-prefix caching (LoRA on the top L layers)", "", f"`{b['prefix']['command']}`", ""]
-    if p:
-        lines += ["| L | full forward s/step | cached s/step | speed-up | prefix once (s, per batch) | loss full / cached |",
-                  "|---|---|---|---|---|---|"]
-        for r in p["rows"]:
-            lines.append(f"| {r['L']} | {r['full_s_per_step']:.3f} | {r['cached_s_per_step']:.3f} | {r['speedup']:.2f}x | "
-                         f"{r['prefix_once_s']:.3f} | {r['loss_full']:.5f} / {r['loss_cached']:.5f} |")
-        lines.append("")
-    else:
-        lines += ["failed:", "```", b["prefix"].get("error", ""), "```", ""]
-    ag = b["aggregators"].get("result")
-    lines += ["## Aggregation", "", f"`{b['aggregators']['command']}`", ""]
-    if ag:
-        lines += ["```", json.dumps(ag, indent=1)[:6000], "```", ""]
-    else:
-        lines += ["failed:", "```", b["aggregators"].get("error", ""), "```", ""]
+             "Re-run everything with `python benchmarks/run_all.py` (or `--only NAME,...`); each section gives its "
+             "own command, and the date it was measured when that differs from the line above.", ""]
+    for name, title in TITLES.items():
+        rec = res["benchmarks"].get(name, {})
+        lines += [f"## {title}", "", f"`{rec.get('command', f'bench_{name}.py')}`", ""]
+        when = (rec.get("machine") or {}).get("date")
+        if when and when != mach["date"]:
+            lines += [f"Measured {when}.", ""]
+        if rec.get("ok") and rec.get("result") is not None:
+            fn = SECTION_MD.get(name)
+            lines += fn(rec["result"]) if fn else _module_md(name, rec["result"])
+        elif rec.get("error") in (None, "not run", "not run yet"):
+            lines += ["Not run yet.", ""]
+        else:
+            lines += ["failed:", "```", rec["error"], "```", ""]
     return "\n".join(lines) + "\n"
 
 
