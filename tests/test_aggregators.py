@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedsafe.aggregators import REGISTRY, AggResult, check_params, forensics, rule_needs
+from fedsafe.aggregators import REGISTRY, AggResult, _ops, check_params, coordinatewise
+from fedsafe.aggregators import forensics, residual, rule_needs
 from fedsafe.aggregators.foolsgold import foolsgold_scores
 from fedsafe.errors import ConfigError, FedsafeError
 
@@ -209,6 +210,48 @@ def test_trimmed_mean_with_ties_stays_exact():
 def test_trimmed_mean_paper_equals_median_for_three_clients():
     x = rand(3, 64, seed=8)
     torch.testing.assert_close(call("trimmed_mean_paper", x).aggregate, call("median", x).aggregate)
+
+
+def awkward(n: int, d: int = 300, seed: int = 0) -> torch.Tensor:
+    """Updates with many ties (at window ends too), signed zeros, NaN, infinities, huge values."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen)
+    x[:, :100] = torch.randint(-2, 3, (n, 100), generator=gen).float()
+    x[:, 100:110] = 0.0
+    x[::2, 100:110] = -0.0
+    x[1, 110], x[2, 111], x[3, 112], x[:, 113] = math.nan, math.inf, -math.inf, math.inf
+    x[0, 120:] *= 1e30
+    return x
+
+
+def torch_only(monkeypatch) -> None:
+    """Make CPU float tensors take the torch code (the GPU one) instead of the numpy kernels."""
+    for module in (_ops, coordinatewise, residual):
+        monkeypatch.setattr(module, "numpy_kernels", lambda t: False)
+
+
+@pytest.mark.parametrize("name", ["median", "median_paper", "trimmed_mean", "trimmed_mean_paper",
+                                  "bulyan"])  # fmt: skip
+@pytest.mark.parametrize("n", [7, 8, 11])
+def test_cpu_sort_kernel_matches_torch_version(name, n, monkeypatch):
+    x = awkward(n, seed=n)
+    fast = call(name, x, chunk=64)
+    torch_only(monkeypatch)
+    ref = call(name, x, chunk=64)
+    # Sums may be ordered differently (trimmed means), so values agree to rounding only.
+    torch.testing.assert_close(fast.aggregate, ref.aggregate, rtol=1e-6, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(fast.client_weights, ref.client_weights, rtol=0, atol=0)
+    assert fast.info == ref.info
+
+
+@pytest.mark.parametrize("name", ALL_RULES)
+def test_numpy_kernels_match_torch_code(name, monkeypatch):
+    x, counts = 3 + rand(9, 300, seed=9), torch.arange(1.0, 10.0)
+    fast = call(name, x, counts, chunk=64)
+    torch_only(monkeypatch)
+    ref = call(name, x, counts, chunk=64)
+    torch.testing.assert_close(fast.aggregate, ref.aggregate, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast.client_weights, ref.client_weights, rtol=1e-5, atol=1e-6)
 
 
 def brute_krum_scores(x: np.ndarray, f: int) -> np.ndarray:

@@ -53,6 +53,16 @@ history keeps ``d`` floats per client, and ``residual`` stores its replaced valu
 
 Precision: Gram blocks are fp32 matmuls summed in fp64 after removing the column mean, so
 pairwise distances are exact to about 1e-7 of the largest centred squared norm.
+
+Speed
+-----
+Distance rules cost about one ``(n x d) @ (d x n)`` matmul, linear rules one or two passes
+over the data. On CPU (float32/64) the block work runs in numpy on all cores, with torch (MKL)
+for the products: numpy sorts many short rows 10-30x faster than torch, and has no per-op
+thread synchronisation, which made small ATen ops 10-20x slower on busy cores. The results
+are those of the torch code, which GPUs run (tests check the two agree). Exact selections
+(median, trimmed mean, Bulyan) remain several passes' worth of work, and ``residual`` is
+``O(n^2 d)``; ``benchmarks/bench_aggregators.py`` measures all rules against those baselines.
 """
 
 # Importing the rule modules registers them.

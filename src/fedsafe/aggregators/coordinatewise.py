@@ -2,6 +2,9 @@
 
 These rules ignore sample counts (as in Yin et al. and the paper's code). ``client_weights``
 reports, per client, the fraction of coordinates in which its value was used.
+
+Each rule is a torch block function (run on GPUs) and, for CPU float tensors, the numpy kernel
+:func:`sorted_window`, which gives the same results several times faster.
 """
 
 from __future__ import annotations
@@ -9,48 +12,121 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
-from ._ops import block_columns, column_slices
+from ._ops import block_columns, column_slices, count_rows, map_blocks, numpy_kernels
 from .base import AggResult, Param, fraction_used, register, require
 
 BlockFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# Where the averaged run of sorted values starts: one position for all columns, or a function of the
+# block sorted along its columns, (n, c), giving one per column (Bulyan).
+Start = int | Callable[[np.ndarray], np.ndarray]
 
 
-def coordinatewise(x: torch.Tensor, chunk: int | None, block_fn: BlockFn):
-    """Apply ``block_fn(block) -> (values (c,), per-client use counts (n,))`` over column blocks."""
-    n, d = x.shape
+def sorted_window(xb: np.ndarray, start: Start, size: int, block_fn: BlockFn):
+    """CPU kernel: per column of ``xb`` (n, c), mean of sorted positions ``[start, start + size)``.
+
+    Returns the values (c,) and, per row, in how many columns its value lies in that run. Equals
+    ``block_fn`` (the torch version, used on GPUs), but numpy sorts the rows of the contiguous
+    transposed block 10-30x faster than torch sorts along dim 0, and membership comes from comparing
+    with the run's end values (``lo <= x <= hi``) instead of an argsort. That comparison is the
+    sort's own choice unless an end value ties with a value just outside the run (then it depends on
+    how the sort orders equal values) or the column is not finite; such columns are redone by
+    ``block_fn``, so every result is the torch one.
+    """
+    n, c = xb.shape
+    # Copy the rows first: a transposing read of the strided block straight from memory was 4x
+    # slower than a row copy (streaming) plus a transpose in cache. The copy also serves the counts.
+    xb = np.ascontiguousarray(xb)
+    s = np.ascontiguousarray(xb.T)
+    s.sort(axis=1)
+    if isinstance(start, int):  # one run for all columns: slices of the sorted (c, n) rows
+
+        def at(pos):  # sorted value number pos of every column (clipped: callers mask those)
+            return s[:, min(max(pos, 0), n - 1)]
+
+        first = start
+        values = s[:, first : first + size].mean(axis=1)
+    else:  # per-column runs: numpy vectorises along columns, so the sorted rows go back to (n, c)
+        s = np.ascontiguousarray(s.T)
+        cols = np.arange(c)
+
+        def at(pos):
+            return s[np.clip(pos, 0, n - 1), cols]
+
+        first = start(s)
+        rank = np.arange(n)[:, None]
+        values = np.where((rank >= first) & (rank < first + size), s, 0).sum(axis=0) / size
+    lo, hi = at(first), at(first + size - 1)
+    unclear = ~(np.isfinite(at(0)) & np.isfinite(at(n - 1)))
+    unclear |= (first > 0) & ~(at(first - 1) < lo)
+    unclear |= (first + size < n) & ~(hi < at(first + size))
+    lo = np.where(unclear, np.nan, lo)  # NaN equals nothing: unclear columns are counted below
+    counts = count_rows(xb == lo if size == 1 else (xb >= lo) & (xb <= hi))
+    redo = np.flatnonzero(unclear)
+    if redo.size:
+        v, u = block_fn(torch.from_numpy(xb[:, redo]))
+        values[redo] = v.numpy()
+        counts += u.numpy()
+    return values, counts
+
+
+def coordinatewise(
+    x: torch.Tensor,
+    chunk: int | None,
+    block_fn: BlockFn,
+    window: tuple[Start, int] | None = None,
+    rows: torch.Tensor | None = None,
+):
+    """Apply ``block_fn(block) -> (values (c,), per-row use counts)`` over blocks of ``x[rows]``.
+
+    ``window = (start, size)`` says ``block_fn`` is the mean of a run of sorted values; CPU float
+    tensors then take :func:`sorted_window` on all cores. Returns the values (d,) and the counts.
+    """
+    d = x.shape[1]
+    n = x.shape[0] if rows is None else len(rows)
     out = torch.empty(d, dtype=x.dtype, device=x.device)
+    width = block_columns(n, chunk, device=x.device)
+    if window is not None and numpy_kernels(x):
+        xn, on = x.detach().numpy(), out.numpy()
+        pick = slice(None) if rows is None else rows.cpu().numpy()
+
+        def work(cols: slice) -> np.ndarray:
+            values, used = sorted_window(xn[pick, cols], *window, block_fn)
+            on[cols] = values
+            return used
+
+        return out, torch.from_numpy(sum(map_blocks(d, width, work)))
     counts = torch.zeros(n, dtype=torch.int64, device=x.device)
-    for cols in column_slices(d, block_columns(n, chunk, device=x.device)):
-        values, used = block_fn(x[:, cols])
+    for cols in column_slices(d, width):
+        values, used = block_fn(x[:, cols] if rows is None else x[:, cols][rows])
         out[cols] = values
         counts += used
-    return out, fraction_used(counts, d, x)
+    return out, counts
 
 
 def median_block(blk: torch.Tensor, lower: bool = False):
-    """Column medians of ``blk`` and how often each row supplied a middle value.
+    """Column medians of ``blk`` and how often each row supplied a middle value (torch version).
 
-    One sort per block: on CPU it was as fast as ``kthvalue`` and gives both middle values.
+    One sort per block: as fast as ``kthvalue`` and gives both middle values.
     """
     n = blk.shape[0]
     values, order = blk.sort(dim=0)
     lo = (n - 1) // 2
     hi = lo if lower else n // 2
     used = torch.bincount(order[lo : hi + 1].flatten(), minlength=n)
-    return (values[lo] + values[hi]) / 2, used
+    # (v + v) / 2 would overflow to inf for |v| > max / 2, so one middle value is returned as is.
+    return (values[lo] + values[hi]) / 2 if hi > lo else values[lo], used
 
 
 def trimmed_block(blk: torch.Tensor, k: int):
-    """Column means of the sorted values ``[k, n - k)`` and how often each row was kept.
+    """Column means of the sorted values ``[k, n - k)`` and how often each row was kept (torch).
 
     Sorting (rather than subtracting the extremes from the total) stays exact when an attacker
     sends huge values.
     """
     n = blk.shape[0]
-    if k == 0:
-        return blk.mean(dim=0), torch.full((n,), blk.shape[1], dtype=torch.int64, device=blk.device)
     values, order = blk.sort(dim=0)
     kept = order[k : n - k]
     return values[k : n - k].mean(dim=0), torch.bincount(kept.flatten(), minlength=n)
@@ -68,8 +144,9 @@ def median(x, w, *, state=None, chunk=None) -> AggResult:
     ``client_weights_i`` = fraction of coordinates where client i gave a middle value
     (they sum to 1 for odd ``n`` and to about 2 for even ``n``).
     """
-    agg, used = coordinatewise(x, chunk, median_block)
-    return AggResult(agg, used, {"even_n": "mean_of_middle_two"})
+    n = x.shape[0]
+    agg, used = coordinatewise(x, chunk, median_block, ((n - 1) // 2, 2 - n % 2))
+    return AggResult(agg, fraction_used(used, x.shape[1], x), {"even_n": "mean_of_middle_two"})
 
 
 @register("median_paper")
@@ -79,8 +156,9 @@ def median_paper(x, w, *, state=None, chunk=None) -> AggResult:
     For even ``n`` ``torch.median`` returns the *lower* of the two middle values; for odd ``n``
     this equals ``median``. Unweighted.
     """
-    agg, used = coordinatewise(x, chunk, lambda blk: median_block(blk, lower=True))
-    return AggResult(agg, used, {"even_n": "lower_middle"})
+    window = ((x.shape[0] - 1) // 2, 1)
+    agg, used = coordinatewise(x, chunk, lambda blk: median_block(blk, lower=True), window)
+    return AggResult(agg, fraction_used(used, x.shape[1], x), {"even_n": "lower_middle"})
 
 
 def trim_count(n: int, p: dict) -> int:
@@ -129,8 +207,15 @@ def trimmed_mean(x, w, *, state=None, chunk=None, beta=None, k=None) -> AggResul
     ``client_weights_i`` = fraction of coordinates where client i's value was kept.
     """
     kk = trim_count(x.shape[0], {"beta": beta, "k": k})
-    agg, used = coordinatewise(x, chunk, lambda blk: trimmed_block(blk, kk))
-    return AggResult(agg, used, {"k": kk})
+    return _trimmed(x, chunk, kk)
+
+
+def _trimmed(x: torch.Tensor, chunk: int | None, k: int) -> AggResult:
+    n, d = x.shape
+    if k == 0:  # nothing trimmed: the plain mean, every value used
+        return AggResult(x.mean(dim=0), torch.ones(n, dtype=x.dtype, device=x.device), {"k": 0})
+    agg, used = coordinatewise(x, chunk, lambda blk: trimmed_block(blk, k), (k, n - 2 * k))
+    return AggResult(agg, fraction_used(used, d, x), {"k": k})
 
 
 def _paper_trim_bounds(n: int, p: dict) -> None:
@@ -143,5 +228,4 @@ def trimmed_mean_paper(x, w, *, state=None, chunk=None) -> AggResult:
 
     With the paper's 3 sampled clients this is exactly the coordinate-wise median.
     """
-    agg, used = coordinatewise(x, chunk, lambda blk: trimmed_block(blk, 1))
-    return AggResult(agg, used, {"k": 1})
+    return _trimmed(x, chunk, 1)

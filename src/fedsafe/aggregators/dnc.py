@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._ops import combine, mixed_seed
+from ._ops import combine, mixed_seed, one_thread
 from .base import AggResult, Param, as_list, masked_weights, register, require
 
 
@@ -23,10 +23,17 @@ def _bounds(n: int, p: dict) -> None:
 
 
 def outlier_scores(sub: torch.Tensor) -> torch.Tensor:
-    """``((g_i - mu) . v)^2`` with ``v`` the top right-singular vector of the centred rows."""
+    """``((g_i - mu) . v)^2`` with ``v`` the top right-singular vector of the centred rows.
+
+    ``v`` comes from the top eigenvector ``u`` of the small ``(n, n)`` Gram matrix
+    (``v = C^T u / |C^T u|``), not from a full SVD of the ``(n, b)`` sample: same vector (up to
+    sign, which the square removes), 10-100x less work. Zero spread gives zero scores.
+    """
     centred = sub.double() - sub.double().mean(dim=0, keepdim=True)
-    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-    return (centred @ vh[0]) ** 2
+    with one_thread():
+        u = torch.linalg.eigh(centred @ centred.T).eigenvectors[:, -1]
+    top = centred.T @ u
+    return (centred @ (top / top.norm().clamp_min(1e-300))) ** 2
 
 
 @register(

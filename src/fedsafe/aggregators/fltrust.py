@@ -6,7 +6,7 @@ import torch
 
 from fedsafe.errors import ConfigError
 
-from ._ops import combine, row_dots, row_sq_norms
+from ._ops import combine, row_sq_norms, row_sq_norms_and_dots
 from .base import AggResult, as_list, register
 
 
@@ -42,8 +42,9 @@ def fltrust(x, w, *, state=None, chunk=None, root_update=None) -> AggResult:
     """
     g0 = _root(x, root_update)
     root_norm = float(row_sq_norms(g0[None], chunk).sqrt())
-    norms = row_sq_norms(x, chunk).sqrt()
-    cos = row_dots(x, g0, chunk) / (norms * root_norm).clamp_min(1e-300)
+    sq_norms, dots = row_sq_norms_and_dots(x, g0, chunk)
+    norms = sq_norms.sqrt()
+    cos = dots / (norms * root_norm).clamp_min(1e-300)
     trust = torch.relu(cos.clamp(-1, 1))
     total = float(trust.sum())
     share = trust / total if total > 0 else torch.zeros_like(trust)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ._ops import combine, cosine_from_gram, gram
+from ._ops import combine, cosine_from_gram, gram, one_thread
 from .base import AggResult, Param, as_list, register
 
 
@@ -16,6 +16,7 @@ from .base import AggResult, Param, as_list, register
 COPY_TOL = 1e-6
 
 
+@one_thread()  # only (n, n) work: see one_thread
 def foolsgold_scores(cos: torch.Tensor, kappa: float = 1.0, logit_eps: float = 0.0) -> torch.Tensor:
     """FoolsGold per-client learning rates ``wv`` in [0, 1] from a cosine matrix.
 

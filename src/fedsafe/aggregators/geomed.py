@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._ops import combine, gram
+from ._ops import combine, gram, one_thread
 from .base import AggResult, Param, register, require
 
 
@@ -50,6 +50,13 @@ def geometric_median(
     ``client_weights`` are the final Weiszfeld coefficients ``beta / sum(beta)``.
     """
     g = gram(x, center=True, chunk=chunk)  # translation invariant, better conditioned
+    c, info = weiszfeld(g, w, maxiter, eps, ftol)
+    return AggResult(combine(x, c), c.to(x), info)
+
+
+@one_thread()  # only (n, n) work: see one_thread
+def weiszfeld(g: torch.Tensor, w: torch.Tensor, maxiter: int, eps: float, ftol: float):
+    """Smoothed Weiszfeld iterations on the Gram matrix ``g``; returns coefficients and info."""
     c = w.clone()
     objective = float(w @ _distances(g, c))
     converged, it = False, 0
@@ -61,5 +68,4 @@ def geometric_median(
         objective = new_objective
         if converged:
             break
-    info = {"iterations": it, "objective": objective, "converged": converged}
-    return AggResult(combine(x, c), c.to(x), info)
+    return c, {"iterations": it, "objective": objective, "converged": converged}

@@ -7,16 +7,19 @@ and memory stays at ``O(n^2)`` plus one block.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from ._ops import block_columns, column_slices, combine, gram, sq_distances
+from ._ops import combine, gram, one_thread, sq_distances
 from .base import AggResult, Param, as_list, fraction_used, masked_weights, register, require
+from .coordinatewise import coordinatewise
 
 
 def pairwise_sq_distances(x: torch.Tensor, chunk: int | None) -> torch.Tensor:
     return sq_distances(gram(x, center=True, chunk=chunk))
 
 
+@one_thread()  # only (n, n) work: see one_thread
 def krum_scores(dist2: torch.Tensor, f: int) -> torch.Tensor:
     """Krum score: sum of squared distances to the ``n - f - 2`` nearest *other* points.
 
@@ -30,6 +33,7 @@ def krum_scores(dist2: torch.Tensor, f: int) -> torch.Tensor:
     return others.topk(k, dim=1, largest=False).values.sum(dim=1)
 
 
+@one_thread()  # only (n, n) work: see one_thread
 def krum_order(dist2: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     """Indices by ascending score; exact ties broken by total distance, then index.
 
@@ -134,13 +138,14 @@ def krum_paper(x, w, *, state=None, chunk=None, f=1) -> AggResult:
     n = x.shape[0]
     k = n - f - 1
     dist = pairwise_sq_distances(x, chunk).sqrt()
-    scores = dist.topk(k + 1, dim=1, largest=False).values.sum(dim=1)
-    best = int(krum_order(dist, scores)[0])
-    row = dist[best].clone()
-    row[best] = -1  # i* is always among its own neighbours, even with duplicate points
-    chosen = row.topk(k + 1, largest=False).indices
-    coef = torch.zeros_like(w)
-    coef[chosen] = 1.0 / (k + 1)
+    with one_thread():
+        scores = dist.topk(k + 1, dim=1, largest=False).values.sum(dim=1)
+        best = int(krum_order(dist, scores)[0])
+        row = dist[best].clone()
+        row[best] = -1  # i* is always among its own neighbours, even with duplicate points
+        chosen = row.topk(k + 1, largest=False).indices
+        coef = torch.zeros_like(w)
+        coef[chosen] = 1.0 / (k + 1)
     info = {"scores": as_list(scores), "center": best, "selected": sorted(as_list(chosen))}
     return AggResult(combine(x, coef), coef.to(x), info)
 
@@ -155,6 +160,7 @@ def _bulyan_bounds(n: int, p: dict) -> None:
     )
 
 
+@one_thread()  # only (n, n) work: see one_thread
 def bulyan_select(dist2: torch.Tensor, f: int, theta: int, iterative: bool) -> list[int]:
     """Pick ``theta`` clients by Krum, either repeatedly on the remaining set or in one pass."""
     if not iterative:
@@ -168,8 +174,22 @@ def bulyan_select(dist2: torch.Tensor, f: int, theta: int, iterative: bool) -> l
     return chosen
 
 
+def bulyan_start(s: np.ndarray, f: int) -> np.ndarray:
+    """:func:`bulyan_block`'s window start ``j`` for each column of sorted values ``s`` (theta, c).
+
+    The first ``j`` reaching the least reach, like ``argmin``, which numpy runs column by column
+    along axis 0; the ``where``/``min`` form stays vectorised along the columns.
+    """
+    theta = s.shape[0]
+    beta = theta - 2 * f
+    med = (s[(theta - 1) // 2] + s[theta // 2]) / 2
+    reach = np.maximum(med - s[: 2 * f + 1], s[beta - 1 :] - med)
+    j = np.arange(2 * f + 1)[:, None]
+    return np.where(reach == reach.min(axis=0), j, 2 * f + 1).min(axis=0)
+
+
 def bulyan_block(blk: torch.Tensor, f: int):
-    """Per column, mean of the ``beta = theta - 2f`` values closest to the median.
+    """Per column, mean of the ``beta = theta - 2f`` values closest to the median (torch version).
 
     In sorted order those values form a window ``[j, j + beta)``: the one whose farthest member
     is closest to the median (ties go to the lowest ``j``).
@@ -208,11 +228,9 @@ def bulyan(x, w, *, state=None, chunk=None, f=1, selection="iterative") -> AggRe
     theta = n - 2 * f
     chosen = bulyan_select(pairwise_sq_distances(x, chunk), f, theta, selection == "iterative")
     sel = torch.tensor(chosen, device=x.device)
-    out = torch.empty(d, dtype=x.dtype, device=x.device)
+    window = (lambda s: bulyan_start(s, f), theta - 2 * f)
+    out, used = coordinatewise(x, chunk, lambda blk: bulyan_block(blk, f), window, rows=sel)
     counts = torch.zeros(n, dtype=torch.int64, device=x.device)
-    for cols in column_slices(d, block_columns(theta, chunk, device=x.device)):
-        values, used = bulyan_block(x[:, cols][sel], f)  # much faster than index_select here
-        out[cols] = values
-        counts[sel] += used
+    counts[sel] = used
     info = {"selected": chosen, "theta": theta, "beta": theta - 2 * f}
     return AggResult(out, fraction_used(counts, d, x), info)

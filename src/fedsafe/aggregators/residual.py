@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-from ._ops import block_columns, column_slices, combine, median_lastdim
+from ._ops import block_columns, column_slices, combine, map_blocks, median_lastdim
+from ._ops import median_of_sorted, numpy_kernels
 from .base import AggResult, Param, as_list, register, require
 
 
@@ -17,6 +19,28 @@ def _bounds(n: int, p: dict) -> None:
     require(p["thresh"] >= 0, rule, f"needs thresh >= 0 (got {p['thresh']})")
 
 
+def slope_medians(s: torch.Tensor) -> torch.Tensor:
+    """``med_{j != i} (s_i - s_j) / (i - j)`` for every row ``i`` of ``s`` (c, n): (c, n).
+
+    The ``O(n^2)`` core of the rule. On CPU it runs in numpy, in place (one (c, n, n) buffer,
+    sorted rows rather than ``kthvalue``); the divisions are the same IEEE operations either way.
+    """
+    n = s.shape[1]
+    pos = torch.arange(n, dtype=s.dtype)
+    dx = pos[:, None] - pos[None, :]
+    dx.fill_diagonal_(1)
+    if numpy_kernels(s):
+        a = s.detach().numpy()
+        slopes = a[:, :, None] - a[:, None, :]
+        slopes /= dx.numpy()
+        slopes.reshape(len(a), n * n)[:, :: n + 1] = np.inf  # self-slope sorts last, count skips it
+        slopes.sort(axis=-1)
+        return torch.from_numpy(np.array(median_of_sorted(slopes, n - 1)))
+    slopes = (s[:, :, None] - s[:, None, :]) / dx.to(s.device)
+    slopes.diagonal(dim1=1, dim2=2).fill_(float("inf"))
+    return median_lastdim(slopes, count=n - 1)
+
+
 def repeated_median_line(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Siegel's repeated-median fit of sorted values ``s`` (c, n) against positions 0..n-1.
 
@@ -24,12 +48,7 @@ def repeated_median_line(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``intercept = med(s) - slope * (n - 1) / 2``.
     """
     n = s.shape[1]
-    pos = torch.arange(n, dtype=s.dtype, device=s.device)
-    dx = pos[:, None] - pos[None, :]
-    dx.fill_diagonal_(1)
-    slopes = (s[:, :, None] - s[:, None, :]) / dx
-    slopes.diagonal(dim1=1, dim2=2).fill_(float("inf"))  # sorts last, so count=n-1 skips it
-    slope = median_lastdim(median_lastdim(slopes, count=n - 1))
+    slope = median_lastdim(slope_medians(s))
     return slope, median_lastdim(s) - slope * (n - 1) / 2
 
 
@@ -100,16 +119,27 @@ def residual(x, w, *, state=None, chunk=None, lam=2.0, thresh=0.05) -> AggResult
     ``client_weights`` are the normalised confidences.
     """
     n, d = x.shape
-    confidence = torch.zeros(n, dtype=torch.float64, device=x.device)
-    replaced = torch.zeros(n, dtype=torch.int64, device=x.device)
-    fixes = []  # sparse (client, coordinate, line - y) for replaced values
-    for cols in column_slices(d, block_columns(n, chunk, per_column=n * n, device=x.device)):
-        conf, replace, delta = residual_block(x[:, cols], lam, thresh)
-        confidence += conf
-        replaced += replace.sum(dim=0)
-        where = replace.nonzero()
-        if where.numel():
-            fixes.append((where[:, 1], where[:, 0] + cols.start, delta[replace]))
+    width = block_columns(n, chunk, per_column=n * n, device=x.device)
+
+    def work(span: slice):  # blocks of one span in order, summed here to keep few small tensors
+        confidence = torch.zeros(n, dtype=torch.float64, device=x.device)
+        replaced = torch.zeros(n, dtype=torch.int64, device=x.device)
+        fixes = []  # sparse (client, coordinate, line - y) for replaced values
+        for cols in column_slices(span.stop - span.start, width):
+            start = span.start + cols.start
+            conf, replace, delta = residual_block(x[:, start : span.start + cols.stop], lam, thresh)
+            confidence += conf
+            replaced += replace.sum(dim=0)
+            where = replace.nonzero()
+            if where.numel():
+                fixes.append((where[:, 1], where[:, 0] + start, delta[replace]))
+        return confidence, replaced, fixes
+
+    # CPU spans run on all cores (the numpy sorts release the GIL); GPU ones in order.
+    parts = map_blocks(d, width * 64, work, threads=None if numpy_kernels(x) else 1)
+    confidence = sum(p[0] for p in parts)
+    replaced = sum(p[1] for p in parts)
+    fixes = [fix for p in parts for fix in p[2]]
     top = confidence.max()
     coef = (confidence / top) ** 2 if top > 0 else torch.ones_like(confidence)
     coef = coef / coef.sum()
