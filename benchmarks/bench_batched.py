@@ -1,6 +1,7 @@
 """Batched clients: one round's client training with the m clients one by one vs together in one forward.
 
-    python benchmarks/bench_batched.py [--model smollm2-135m-instruct|tiny] [--clients 3,10] [--repeats 2] [--json OUT]
+    python benchmarks/bench_batched.py [--model smollm2-135m-instruct|tiny] [--clients 3,10] [--repeats 2]
+        [--threads 1] [--json OUT]
 
 Both paths train the same sampled clients from the same global adapter on the same micro-batches (each
 client's batches come from its own seeded generator), side by side in one process; the time is the
@@ -82,9 +83,11 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--clients", default="3,10", help="comma-separated clients per round")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on a shared 2-core machine more threads stall each other)")
     ap.add_argument("--json")
     a = ap.parse_args()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(a.threads)
     rows = []
     for m in [int(x) for x in a.clients.split(",")]:
         for prefix in ((True, False) if m <= 3 else (True,)):  # full forward at m=10 costs minutes for no news
@@ -93,7 +96,8 @@ def main() -> None:
                   f"{r['batched_s']:.2f} s, {r['speedup']:.2f}x, max diff {r['max_abs_diff']:.1e}", flush=True)
             rows.append(r)
     res = {"model": a.model, "rows": rows, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                                                         "torch": torch.__version__}}
+                                                         "torch": torch.__version__,
+                                                         "threads": a.threads}}
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)
