@@ -75,7 +75,7 @@ def main() -> None:
             "peer": m + (["--rounds", "1"] if a.quick else []),
             "generation": m + (["--prompts", "16"] if a.quick else []),
             "prefix": m + (["--repeats", "2"] if a.quick else []),
-            "batched": m + (["--clients", "3", "--repeats", "1"] if a.quick else []),
+            "batched": m + (["--clients", "3", "--repeats", "1", "--threads", "1"] if a.quick else []),
             "aggregators": ["--quick"] if a.quick else []}
     only = [x for x in a.only.split(",") if x]
     unknown = sorted(set(only) - set(TITLES))
