@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..data.templates import Example, collate
 from ..errors import FedsafeError
-from .train import LocalResult, batch_plan, collate_prefix, response_logits
+from .train import LocalResult, batch_plan, collate_prefix, response_logits, split_flat
 
 ADAPTER = "default"
 
@@ -81,17 +81,6 @@ def per_client_lora(handle, stacked: Sequence[torch.Tensor]):
             mod.__dict__.pop("forward", None)
 
 
-def _client_parts(vec: torch.Tensor | None, shapes, device) -> list[torch.Tensor] | None:
-    if vec is None:
-        return None
-    out, i = [], 0
-    for s in shapes:
-        n = int(torch.Size(s).numel())
-        out.append(vec[i : i + n].view(s).to(device))
-        i += n
-    return out
-
-
 def train_clients_batched(
     handle,
     client_examples: Sequence[Sequence[Example]],
@@ -120,12 +109,11 @@ def train_clients_batched(
     client, in order.
     """
     m = len(client_examples)
-    shapes = handle.shapes
-    dtype = handle.params[0].dtype
-    base = _client_parts(start.to(dtype), shapes, device)
+    base = split_flat(start, handle.params, device)
     stacked = [p.unsqueeze(0).repeat(m, *([1] * p.dim())).requires_grad_(True) for p in base]
     opt = torch.optim.AdamW(stacked, lr=lr, weight_decay=weight_decay)
-    corr = [_client_parts(c, shapes, device) for c in grad_corrections] if grad_corrections else None
+    corr = [None if c is None else split_flat(c, handle.params, device) for c in grad_corrections] \
+        if grad_corrections else None
     plans = [batch_plan(len(ex), steps, batch_size, grad_accum, g) for ex, g in zip(client_examples, gens)]
     tot_loss, tot_tok = torch.zeros(m, dtype=torch.float64), torch.zeros(m, dtype=torch.long)
     model = handle.model

@@ -185,8 +185,8 @@ def train_local(
         opt.load_state_dict(optimizer_state)
         for g in opt.param_groups:
             g["lr"] = lr
-    prox_parts = _split(prox_center, params, device) if (prox_mu > 0 and prox_center is not None) else None
-    corr_parts = _split(grad_correction, params, device) if grad_correction is not None else None
+    prox_parts = split_flat(prox_center, params, device) if (prox_mu > 0 and prox_center is not None) else None
+    corr_parts = split_flat(grad_correction, params, device) if grad_correction is not None else None
     plan = batch_plan(len(examples), steps, batch_size, grad_accum, gen)
     tot_loss, tot_tok = 0.0, 0
     for s in range(steps):
@@ -219,7 +219,8 @@ def train_local(
     return LocalResult(loss=mean, steps=steps, tokens=tot_tok), opt.state_dict()
 
 
-def _split(vec: torch.Tensor, params, device) -> list[torch.Tensor]:
+def split_flat(vec: torch.Tensor, params, device) -> list[torch.Tensor]:
+    """A flat adapter vector as tensors shaped (and typed) like ``params``."""
     out, i = [], 0
     for p in params:
         out.append(vec[i : i + p.numel()].view_as(p).to(device=device, dtype=p.dtype))
