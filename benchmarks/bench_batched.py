@@ -101,11 +101,12 @@ def main() -> None:
                       f"{r['sequential_s']:.2f} s, batched {r['batched_s']:.2f} s, {r['speedup']:.2f}x, "
                       f"max diff {r['max_abs_diff']:.1e}", flush=True)
                 rows.append(r)
-    res = {"model": a.model, "rows": rows, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                                                         "torch": torch.__version__}}
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=2)
+                if a.json:  # after every row: a long run that is stopped keeps what it measured
+                    res = {"model": a.model, "rows": rows, "machine": {"platform": platform.platform(),
+                                                                         "cpus": os.cpu_count(),
+                                                                         "torch": torch.__version__}}
+                    with open(a.json, "w") as f:
+                        json.dump(res, f, indent=2)
 
 
 if __name__ == "__main__":
