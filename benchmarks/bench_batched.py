@@ -28,14 +28,12 @@ def _engine(model: str, m: int, prefix: bool, tmp: str):
     from fedsafe.config import load_config
     from fedsafe.fl.run import build_engine
 
-    base = "tiny" if model == "tiny" else "demo"
-    k = max(10, m)
-    cfg = load_config(base, [f"model.name={model}", "monitor.every=0", f"fl.sample_clients={m}", "fl.rounds=100",
-                             f"fl.prefix_cache={str(prefix).lower()}", "lora.dropout=0.0", "fl.sampling=random",
-                             f"data.groups=[{{name: all, clients: {k}, mix: {{sharegpt: 1.0}}}}]"]
-                      if model != "tiny" else [f"fl.sample_clients={m}", "fl.rounds=100", "lora.layers=1",
-                                               f"fl.prefix_cache={str(prefix).lower()}", "lora.dropout=0.0",
-                                               f"data.groups=[{{name: all, clients: {k}, mix: {{tiny: 1.0}}}}]"])
+    tiny = model == "tiny"
+    common = [f"fl.sample_clients={m}", "fl.rounds=100", f"fl.prefix_cache={str(prefix).lower()}", "lora.dropout=0.0",
+              f"data.groups=[{{name: all, clients: {max(10, m)}, mix: {{{'tiny' if tiny else 'sharegpt'}: 1.0}}}}]"]
+    # tiny: LoRA on its top layer so the prefix cache has something to skip; demo: its own top-8 layers
+    extra = ["lora.layers=1"] if tiny else [f"model.name={model}", "monitor.every=0", "fl.sampling=random"]
+    cfg = load_config("tiny" if tiny else "demo", common + extra)
     cfg.init.adapter = ""  # time training from a fresh adapter; alignment is not part of a round
     return build_engine(cfg, tmp, progress=False, round_callback=None)
 

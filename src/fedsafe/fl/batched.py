@@ -115,7 +115,9 @@ def train_clients_batched(
     corr = [None if c is None else split_flat(c, handle.params, device) for c in grad_corrections] \
         if grad_corrections else None
     plans = [batch_plan(len(ex), steps, batch_size, grad_accum, g) for ex, g in zip(client_examples, gens)]
-    tot_loss, tot_tok = torch.zeros(m, dtype=torch.float64), torch.zeros(m, dtype=torch.long)
+    # running sums stay on the device: no host sync per micro-batch on GPUs
+    tot_loss = torch.zeros(m, dtype=torch.float64, device=device)
+    tot_tok = torch.zeros(m, dtype=torch.long, device=device)
     model = handle.model
     model.train()
     try:
@@ -134,12 +136,13 @@ def train_clients_batched(
                     if prox_mu > 0:
                         obj = obj + (prox_mu / 2) * sum(((p - c) ** 2).sum() for p, c in zip(stacked, base)) / grad_accum
                     obj.backward()
-                    tot_loss += (means.detach() * counts).double().cpu()
-                    tot_tok += counts.cpu()
+                    tot_loss += (means.detach() * counts).double()
+                    tot_tok += counts
                 _per_client_grad_fixes(stacked, corr, max_grad_norm)
                 opt.step()
     finally:
         model.eval()
+    tot_loss, tot_tok = tot_loss.cpu(), tot_tok.cpu()
     out = []
     for i in range(m):
         flat = torch.cat([p[i].detach().reshape(-1).float() for p in stacked]).cpu()
