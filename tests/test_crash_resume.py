@@ -16,7 +16,7 @@ Three workflows, killed and compared with an uninterrupted twin, plus disk-level
 
 A SIGKILL cannot be aimed at the checkpoint write itself without changing engine code, so the kills
 poll the metrics file every 5 ms and fire at random short delays; the delay-0 kill lands between the
-metrics append and the end of the checkpoint write, sometimes inside the write (a ``.round_0000.pt.*.tmp``
+metrics append and the end of the checkpoint write, sometimes inside the write (a ``.round_0000.safetensors.*.tmp``
 left behind), and the damage test covers the states such a kill can leave.
 
 Kill delays are random but seeded (``FEDSAFE_CRASH_SEED``, default 0) and printed, so a failure can be
@@ -270,7 +270,7 @@ def test_resume_skips_corrupt_checkpoints_and_torn_files(tmp_path, env, referenc
     must fall back to the newest checkpoint that verifies (round 2) and still end bit-identical."""
     import shutil
 
-    from fedsafe.fl.checkpoint import ckpt_path
+    from fedsafe.fl.checkpoint import ckpt_path, sidecar
 
     ref_dir, ref_join = reference_run
     ref_join()
@@ -280,11 +280,11 @@ def test_resume_skips_corrupt_checkpoints_and_torn_files(tmp_path, env, referenc
     (d / "train_summary.json").unlink()
     p5 = ckpt_path(d, 5)
     b = bytearray(p5.read_bytes())
-    b[len(b) // 2] ^= 0x01  # one bit: size unchanged, torch.load might even succeed
+    b[len(b) // 2] ^= 0x01  # one bit: size unchanged, the tensors might even decode
     p5.write_bytes(bytes(b))
-    ckpt_path(d, 4).with_suffix(".pt.sha256").unlink()  # killed between the data file and its sidecar
-    ckpt_path(d, 3).with_suffix(".pt.sha256").write_text("")  # sidecar torn
-    (d / "checkpoints" / ".round_0006.pt.x1y2z3.tmp").write_bytes(b"partial")  # an interrupted atomic write
+    sidecar(ckpt_path(d, 4)).unlink()  # killed between the data file and its sidecar
+    sidecar(ckpt_path(d, 3)).write_text("")  # sidecar torn
+    (d / "checkpoints" / ".round_0006.safetensors.x1y2z3.tmp").write_bytes(b"partial")  # an interrupted atomic write
     (d / ".metrics.jsonl.tmp").write_bytes(b"{")
     with open(d / "metrics.jsonl", "a") as f:
         f.write('{"round": 5, "lr": 0.000')  # torn append

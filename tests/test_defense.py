@@ -51,8 +51,8 @@ def test_defend_checkpoints_resume_and_link(tiny_run, tmp_path):
     out = defend_run(tiny_run, level=1, steps=4, n=8, out=tmp_path / "d1", progress=False)
     meta = json.loads((out / "defense.json").read_text())
     assert meta["source_run"].endswith(tiny_run.name) and meta["level"] == 1
-    ck = sorted(p.name for p in (out / "checkpoints").glob("round_*.pt"))
-    assert ck == ["round_0002.pt", "round_0004.pt"]  # every 2 steps (tiny preset) -> steps 2 and 4
+    ck = sorted(p.name for p in (out / "checkpoints").glob("round_*.safetensors"))
+    assert ck == ["round_0002.safetensors", "round_0004.safetensors"]  # every 2 steps (tiny preset) -> steps 2 and 4
     assert (out / "final_adapter" / "adapter_model.safetensors").exists() and (out / "results.json").exists()
     a = load_file(str(tiny_run / "final_adapter" / "adapter_model.safetensors"))
     b = load_file(str(out / "final_adapter" / "adapter_model.safetensors"))
@@ -62,7 +62,7 @@ def test_defend_checkpoints_resume_and_link(tiny_run, tmp_path):
 
     part = tmp_path / "d2"
     shutil.copytree(out, part)
-    for p in (part / "checkpoints").glob("round_0004.pt*"):
+    for p in (part / "checkpoints").glob("round_0004.safetensors*"):
         p.unlink()
     shutil.rmtree(part / "final_adapter")
     (part / "results.json").unlink()

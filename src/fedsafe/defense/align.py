@@ -17,8 +17,9 @@ import json
 
 import torch
 
+from .. import statefile
 from ..assets import cache_dir
-from ..errors import FedsafeError
+from ..errors import DataError, FedsafeError
 from ..io import atomic_write_bytes
 
 
@@ -53,10 +54,13 @@ def initial_vec(cfg, fed, rt, records: list, progress: bool = True) -> torch.Ten
         "lora": [cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules, cfg.lora.layers],
         "init": [ini.steps, ini.lr, ini.batch_size], "seed": cfg.seed, "records": sorted(r.id for r in records),
     }, sort_keys=True).encode()).hexdigest()[:24]
-    path = cache_dir() / "aligned_init" / f"{key}.pt"
+    path = cache_dir() / "aligned_init" / f"{key}.safetensors"  # pickle-free (fedsafe.statefile), like checkpoints
     if path.exists():
-        vec = torch.load(path, map_location="cpu")
-        if vec.numel() == rt.handle.numel:
+        try:
+            vec = statefile.loads(path.read_bytes(), what=str(path))["vec"]
+        except (DataError, KeyError, TypeError, OSError):
+            vec = None  # damaged cache entry: recompute and overwrite it
+        if isinstance(vec, torch.Tensor) and vec.numel() == rt.handle.numel:
             return vec
     import random
     import tempfile
@@ -69,9 +73,5 @@ def initial_vec(cfg, fed, rt, records: list, progress: bool = True) -> torch.Ten
         vec = finetune(rt, rt.init_vec(cfg.seed), recs, steps=ini.steps, batch_size=ini.batch_size, lr=ini.lr,
                        lr_min=ini.lr / 10, checkpoint_every=ini.steps, out_dir=tmp, seed=cfg.seed,
                        autocast=cfg.model.autocast, progress=progress, label="server safety alignment")
-    import io
-
-    buf = io.BytesIO()
-    torch.save(vec, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, statefile.dumps({"vec": vec}))
     return vec

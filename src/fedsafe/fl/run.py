@@ -17,6 +17,7 @@ from ..config import RunConfig, dump_yaml, from_dict
 from ..errors import FedsafeError
 from ..io import atomic_write_json, atomic_write_text
 from ..runtime import get_runtime
+from .checkpoint import refuse_pickled
 from .engine import Engine
 
 
@@ -54,6 +55,7 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
     p = Path(run_dir) / "config.yaml"
     if not p.is_file():
         raise FedsafeError(f"{run_dir} is not a run directory (no config.yaml)")
+    refuse_pickled(run_dir)  # a shared run directory must not smuggle in a pickle checkpoint
     try:
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, or a bad YAML scalar

@@ -45,9 +45,9 @@ def write_csv(rows: list[dict]) -> str:
 def render(run_dirs: list[str | Path], out_dir: str | Path, title: str = "fedsafe report", notes: str = "") -> Path:
     from . import plots
 
+    runs = [load_run(d) for d in run_dirs]  # every run directory checked before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    runs = [load_run(d) for d in run_dirs]
     rows = table_rows(runs)
     md = markdown_table(rows)
     atomic_write_text(out / "table.md", md)
