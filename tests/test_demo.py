@@ -86,3 +86,17 @@ def test_report_renders_in_headless_chromium(demo_dir, tmp_path):
     assert p.returncode == 0, p.stderr + p.stdout
     assert (tmp_path / "shot.png").stat().st_size > 10_000
     assert "images: 4" in p.stdout
+
+
+def test_ci_runs_the_readme_test_command_with_chromium():
+    """CI (.ci/run) runs exactly the README's quick-start (b) test command, after installing Debian's
+    chromium when it is missing, so the browser test above runs there instead of being skipped."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    readme = (repo / "README.md").read_text()
+    block = readme.split("# (b) install and run the tests", 1)[1].splitlines()[1].strip()
+    ci = (repo / ".ci" / "run").read_text().strip().splitlines()
+    assert ci[-1].strip() == block and block.endswith("python -m pytest -q")
+    assert any("apt-get install -y" in line and "chromium" in line for line in ci)
+    assert any("command -v chromium" in line for line in ci)

@@ -257,6 +257,109 @@ def test_missing_client_node_counts_as_rejected(tmp_path, task_identity):
     assert list(row["client_weights"]) == ["0"]
 
 
+
+# --------------------------------------------------------------------------------------------- resume
+class DyingGrid(LocalGrid):
+    """A LocalGrid whose connection dies when the train messages of round ``die_at`` (0-based, counted
+    from this grid's first train round) are sent, like a SuperLink or ServerApp host going down."""
+
+    def __init__(self, *a, die_at: int, **k):
+        super().__init__(*a, **k)
+        self.die_at, self.train_rounds = die_at, 0
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        if messages and messages[0].metadata.message_type == "train":
+            if self.train_rounds == self.die_at:
+                raise ConnectionError("SuperLink unreachable (test)")
+            self.train_rounds += 1
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def _grid(ov, cls=LocalGrid, **k):
+    from fedsafe.flower import client_app
+
+    return cls(client_app.app, [{"partition-id": i} for i in range(4)],
+               {"fedsafe-config": "tiny", "overrides": " ".join(ov)}, **k)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["fl.rounds=4"],
+    ["fl.rounds=4", "fl.fed_alg=fedadam", "fl.server_lr=0.01", "fl.aggregator=foolsgold", "fl.sample_clients=3"],
+])
+def test_server_app_resume_equals_uninterrupted(tmp_path, task_identity, overrides):
+    """The connection dies in round 3 of 4; resume=true continues from the round-2 checkpoint and ends
+    bit-identical to an uninterrupted Flower run (server optimiser and FoolsGold state included)."""
+    from fedsafe.flower import server_app
+
+    cfg = load_config("tiny", overrides)
+    ref = server_app.run_server(_grid(overrides), cfg, tmp_path / "ref", evaluate=False)
+    d = tmp_path / "run"
+    with pytest.raises(ConnectionError):
+        server_app.run_server(_grid(overrides, DyingGrid, die_at=2), cfg, d, evaluate=False)
+    info = json.loads((d / "flower.json").read_text())
+    assert info["status"] == "failed" and len(info["rounds"]) == 2 and not (d / "final_adapter").exists()
+    out = server_app.run_server(_grid(overrides), cfg, d, evaluate=False, resume=True)
+    assert out == d.resolve()
+    assert assert_same_adapter(d, ref, atol=0.0) == 0.0
+    assert [r["round"] for r in rows(d)] == [0, 1, 2, 3]
+    for a, b in zip(rows(d), rows(ref)):
+        for k in ("sampled", "client_loss", "client_weights", "agg_norm", "train_loss", "lr"):
+            assert a[k] == b[k], (a["round"], k)
+    info = json.loads((d / "flower.json").read_text())
+    assert info["status"] == "finished" and info["resumed_at_round"] == [2]
+    assert [r["round"] for r in info["rounds"]] == [0, 1, 2, 3]
+    assert info["flwr_version"] and info["federation"] == "deployment"
+
+
+def test_server_app_resume_refuses_what_differs(tmp_path, task_identity):
+    """A resume with another config, federation or Flower version is refused, naming each difference;
+    the run directory is left as it was."""
+    from fedsafe.flower import server_app
+    from fedsafe.flower.resume import identity
+
+    ov = ["fl.rounds=2"]
+    d = server_app.run_server(_grid(ov), load_config("tiny", ov), tmp_path / "run", evaluate=False)
+    before = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
+    ov2 = ["fl.rounds=3", "fl.aggregator=median"]
+    with pytest.raises(FedsafeError, match=r"fl\.rounds: run 2, now 3.*fl\.aggregator: run 'fedavg', now 'median'|"
+                                           r"fl\.aggregator: run 'fedavg', now 'median'.*fl\.rounds: run 2, now 3"):
+        server_app.run_server(_grid(ov2), load_config("tiny", ov2), d, evaluate=False, resume=True)
+    with pytest.raises(FedsafeError, match="federation: run 'deployment', now 'lab-B'"):
+        server_app.run_server(_grid(ov), load_config("tiny", ov), d, evaluate=False, resume=True,
+                              ident=identity({"federation": "lab-B"}))
+    info = json.loads((d / "flower.json").read_text())
+    (d / "flower.json").write_text(json.dumps({**info, "flwr_version": "1.20.0"}))
+    with pytest.raises(FedsafeError, match="Flower version: run '1.20.0', now '"):
+        server_app.run_server(_grid(ov), load_config("tiny", ov), d, evaluate=False, resume=True)
+    (d / "flower.json").write_bytes(before[d / "flower.json"])
+    assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == before
+    with pytest.raises(FedsafeError, match="needs run-dir"):
+        server_app.run_server(_grid(ov), load_config("tiny", ov), None, evaluate=False, resume=True)
+    plain = in_process(tmp_path, "tiny", ov)  # a `fedsafe run` directory has no flower.json
+    with pytest.raises(FedsafeError, match="not a Flower run directory"):
+        server_app.run_server(_grid(ov), load_config("tiny", ov), plain, evaluate=False, resume=True)
+
+
+def test_sim_resume_is_checked_before_anything_starts(tmp_path, task_identity):
+    """`fedsafe flower sim --resume` refuses a different simulated federation before starting Flower."""
+    pytest.importorskip("ray")
+    from fedsafe.flower import server_app
+    from fedsafe.flower.sim import run_flower_sim
+
+    ov = ["fl.rounds=1"]
+    d = server_app.run_server(_grid(ov), load_config("tiny", ov), tmp_path / "run", evaluate=False)
+    info = json.loads((d / "flower.json").read_text())
+    (d / "flower.json").write_text(json.dumps({**info, "federation": "simulation num_supernodes=4"}))
+    before = _sim_processes()
+    with pytest.raises(FedsafeError, match="federation: run 'simulation num_supernodes=4', now 'simulation "
+                                           "num_supernodes=4 init_args_num_cpus=2'"):
+        run_flower_sim(None, [], d, progress=False, resume=True, federation_config=["init_args_num_cpus=2"])
+    with pytest.raises(FedsafeError, match="fl.rounds: run 1, now 2"):
+        run_flower_sim(None, ["fl.rounds=2"], d, progress=False, resume=True)
+    assert _sim_processes() == before
+
+
 # --------------------------------------------------------------------------------------------- malformed replies
 def _malform(kind: str, good: Message) -> Message | None:
     """A reply to the same instruction as ``good`` but broken in one way (None = no reply)."""
@@ -410,6 +513,55 @@ def test_flower_sim_equals_in_process(tmp_path):
     time.sleep(1)
     leaked = {p: _cmdline(p) for p in _sim_processes() - before}
     assert not leaked, f"processes of the simulation still running: {leaked}"
+
+
+@pytest.mark.integration
+def test_flower_sim_interrupted_then_resumed(tmp_path):
+    """`fedsafe flower sim tiny fl.rounds=4` interrupted (SIGINT, as Ctrl-C) after its first round's
+    checkpoint, then `--resume`d: it continues from the last complete round and ends with the adapter
+    of an uninterrupted run; no process of either simulation is left."""
+    import signal
+
+    pytest.importorskip("ray")
+    from fedsafe.flower.sim import run_flower_sim
+
+    ov = ["fl.rounds=4"]
+    ref = in_process(tmp_path, "tiny", ov)
+    d = tmp_path / "sim"
+    before = _sim_processes()
+    env = offline_env()
+    env.pop("FEDSAFE_DEBUG", None)
+    p = subprocess.Popen([sys.executable, "-m", "fedsafe.cli", "flower", "sim", "tiny", *ov, "--run-dir", str(d),
+                          "--no-eval", "--quiet", "--timeout", "400"], cwd=tmp_path, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 400
+        first = d / "checkpoints" / "round_0000.safetensors.sha256"
+        while not first.exists():
+            assert p.poll() is None, f"the simulation ended before round 1 (exit {p.returncode})"
+            assert time.monotonic() < deadline, "round 1 never finished"
+            time.sleep(0.05)
+        os.kill(p.pid, signal.SIGINT)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 130, (p.returncode, err[-3000:])
+    assert not (d / "final_adapter").exists(), "interrupted after the last round: nothing left to resume"
+    time.sleep(1)
+    leaked = {q: _cmdline(q) for q in _sim_processes() - before}
+    assert not leaked, f"processes of the interrupted simulation still running: {leaked}"
+    run_flower_sim(None, [], d, progress=False, evaluate=False, resume=True, timeout_s=400)
+    assert_same_adapter(d, ref, atol=1e-6)
+    assert [r["round"] for r in rows(d)] == [0, 1, 2, 3]
+    assert [r["sampled"] for r in rows(d)] == [r["sampled"] for r in rows(ref)]
+    info = json.loads((d / "flower.json").read_text())
+    assert info["status"] == "finished" and len(info["resumed_at_round"]) == 1 and 1 <= info["resumed_at_round"][0] < 4
+    assert info["federation"] == "simulation num_supernodes=4"
+    time.sleep(1)
+    leaked = {q: _cmdline(q) for q in _sim_processes() - before}
+    assert not leaked, f"processes of the resumed simulation still running: {leaked}"
 
 
 def _cmdline(pid: int) -> str:

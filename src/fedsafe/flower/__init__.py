@@ -12,6 +12,8 @@ it, and importing ``fedsafe.flower`` itself does not import ``flwr`` (only the a
   with fedsafe's robust rules and server optimiser by running the engine's own round code, so a Flower
   run writes the same run directory and reaches the same global adapter as ``fedsafe run``.
 * :mod:`fedsafe.flower.server_app` -- the ``ServerApp`` (run directory, evaluation, post-hoc defense).
+* :mod:`fedsafe.flower.resume` -- what a resumed Flower run must match (config, federation, Flower
+  version); the round checkpoints are the engine's own.
 * :mod:`fedsafe.flower.sim` -- ``fedsafe flower sim CONFIG`` on Flower's Simulation Engine and
   ``fedsafe flower deploy-info`` (what to start where for a real deployment).
 
@@ -49,6 +51,8 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "evaluate": True,  # evaluate the final adapter (results.json) like `fedsafe run`
     "node-wait-s": 120,  # how long the server waits for every partition-id to connect
     "round-timeout-s": 3600,  # how long the server waits for the replies of one round
+    "resume": False,  # continue the run directory `run-dir` from its last complete round
+    "federation": "",  # label of the federation (a resume must name the same); "" = deployment
 }
 
 APP_PYPROJECT = """\
@@ -90,6 +94,10 @@ evaluate = true
 node-wait-s = 120
 # seconds the server waits for the replies of one round
 round-timeout-s = 3600
+# continue the run directory `run-dir` from its last complete round (same config, federation, Flower version)
+resume = false
+# a label for the federation this run belongs to; a resume must name the same one ("" = deployment)
+federation = ""
 """
 
 

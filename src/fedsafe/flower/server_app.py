@@ -7,9 +7,13 @@ federation with :class:`fedsafe.flower.strategy.FedsafeStrategy` on a server-sid
 (:mod:`fedsafe.fl.run`): ``config.yaml``, ``clients.json``, ``data_manifest.json``, ``metrics.jsonl``,
 ``forensics.jsonl``, ``checkpoints/``, ``final_adapter/``, ``train_summary.json`` and, after the final
 evaluation, ``eval/`` and ``results.json``; plus ``flower.json`` (which node held which client, nodes
-with a bad node config, rejected replies per round). With ``defense.enabled`` the paper's post-hoc
-defense (Ye et al., ICLR 2025, §5) runs after the last round via
-:func:`fedsafe.defense.finetune.defend_run` into a sibling directory named in ``flower.json``.
+with a bad node config, rejected replies per round, the Flower version and federation). With
+``defense.enabled`` the paper's post-hoc defense (Ye et al., ICLR 2025, §5) runs after the last round
+via :func:`fedsafe.defense.finetune.defend_run` into a sibling directory named in ``flower.json``.
+
+With ``resume=true`` in the run config the ServerApp continues ``run-dir`` from its last complete round
+checkpoint (:mod:`fedsafe.flower.resume` says what must match); a resumed run ends with the adapter of
+an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..io import atomic_write_json
 from . import as_bool, check_supported, load_run_cfg, run_config_value
+from .resume import check_resume, identity
 from .strategy import FedsafeStrategy
 
 app = ServerApp()
@@ -36,22 +41,40 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = str(run_config_value(rc, "run-dir") or "").strip() or None
     run_server(grid, cfg, run_dir, evaluate=as_bool(run_config_value(rc, "evaluate")),
                node_wait_s=float(run_config_value(rc, "node-wait-s")),
-               round_timeout_s=float(run_config_value(rc, "round-timeout-s")))
+               round_timeout_s=float(run_config_value(rc, "round-timeout-s")),
+               resume=as_bool(run_config_value(rc, "resume")), ident=identity(rc))
 
 
 def run_server(grid: Grid, cfg, run_dir: str | Path | None = None, *, evaluate: bool = True,
-               node_wait_s: float = 120.0, round_timeout_s: float = 3600.0) -> Path:
-    """Run the federation described by ``cfg`` over ``grid``; returns the run directory."""
+               node_wait_s: float = 120.0, round_timeout_s: float = 3600.0, resume: bool = False,
+               ident: dict | None = None) -> Path:
+    """Run the federation described by ``cfg`` over ``grid``; returns the run directory. With ``resume``
+    ``run_dir`` is an interrupted Flower run of the same config, federation and Flower version
+    (:func:`fedsafe.flower.resume.check_resume`), continued from its last complete round."""
+    from ..errors import FedsafeError
     from ..fl.run import build_engine, new_run_dir, write_run_header
 
     check_supported(cfg)
-    d = new_run_dir(cfg, run_dir)  # an existing empty directory is fine; a non-empty one is refused
-    d = d.resolve()
-    log(INFO, "fedsafe: run directory %s", d)
-    eng = build_engine(cfg, d, progress=False)
-    write_run_header(cfg, d, eng.fed)
+    ident = dict(ident or identity({}))
+    if resume:
+        if not run_dir:
+            raise FedsafeError("resume=true needs run-dir: the run directory to continue")
+        d = Path(run_dir).resolve()
+        prev = check_resume(d, cfg, ident)
+        eng = build_engine(cfg, d, progress=False)
+        start = eng.try_resume()  # newest verified checkpoint; later metrics lines are dropped
+        log(INFO, "fedsafe: resuming %s at round %d/%d", d, start + 1, cfg.fl.rounds)
+    else:
+        d = new_run_dir(cfg, run_dir)  # an existing empty directory is fine; a non-empty one is refused
+        d = d.resolve()
+        log(INFO, "fedsafe: run directory %s", d)
+        eng = build_engine(cfg, d, progress=False)
+        write_run_header(cfg, d, eng.fed)
+        prev = {}
     strategy = FedsafeStrategy(eng, node_wait_s=node_wait_s)
-    info = {"engine": "flower", "run_id": _run_id(grid), "status": "running"}
+    strategy.rounds = [r for r in prev.get("rounds", []) if int(r.get("round", -1)) < eng.start_round]
+    info = {"engine": "flower", "run_id": _run_id(grid), "status": "running", **ident,
+            "resumed_at_round": [*prev.get("resumed_at_round", []), eng.start_round] if resume else []}
 
     def write_info(**kw) -> None:
         info.update(kw)
@@ -60,8 +83,9 @@ def run_server(grid: Grid, cfg, run_dir: str | Path | None = None, *, evaluate: 
     write_info()
     t0 = time.time()
     try:
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(eng.rt.handle.state_dict(eng.global_vec)),
-                       num_rounds=cfg.fl.rounds - eng.start_round, timeout=round_timeout_s)
+        if eng.start_round < cfg.fl.rounds:  # a run interrupted after its last round only needs the rest
+            strategy.start(grid=grid, initial_arrays=ArrayRecord(eng.rt.handle.state_dict(eng.global_vec)),
+                           num_rounds=cfg.fl.rounds - eng.start_round, timeout=round_timeout_s)
     except BaseException as e:
         write_info(status="failed", error=f"{type(e).__name__}: {e}")
         raise

@@ -206,10 +206,11 @@ def _tail(path: Path | None, n: int = 40) -> str:
 
 
 # --------------------------------------------------------------------------------------------- simulation
-def run_flower_sim(config: str, overrides: list[str] | None = None, run_dir: str | Path | None = None,
+def run_flower_sim(config: str | None, overrides: list[str] | None = None, run_dir: str | Path | None = None,
                    progress: bool = True, *, evaluate: bool = True, client_cpus: float = 1.0,
                    federation_config: list[str] | None = None, node_wait_s: float = 120.0,
-                   timeout_s: float | None = None, keep_workdir: bool = False, overwrite: bool = False) -> Path:
+                   timeout_s: float | None = None, keep_workdir: bool = False, overwrite: bool = False,
+                   resume: bool = False) -> Path:
     """Run a fedsafe federation on Flower's Simulation Engine; returns the run directory.
 
     ``config`` is a preset name or YAML path, ``overrides`` ``key=value`` items (as ``fedsafe run``).
@@ -217,16 +218,35 @@ def run_flower_sim(config: str, overrides: list[str] | None = None, run_dir: str
     Ray actor. ``federation_config`` adds ``flwr run --federation-config`` items (e.g.
     ``init_args_num_cpus=2``). The run directory matches ``fedsafe run``'s (plus ``flower.json`` and the
     streamed Flower log ``flower_sim.log``).
+
+    With ``resume`` ``run_dir`` is an interrupted simulation, continued from its last complete round;
+    ``config`` may then be None (the run's own ``config.yaml``). Refused, before anything starts, when
+    the config, the simulated federation or the Flower version differ from the run's.
     """
     from ..config import load_config
     from ..fl.run import new_run_dir
 
     require_flower(simulation=True)
     overrides = list(overrides or [])
+    if resume and run_dir is None:
+        raise FedsafeError("--resume needs the run directory to continue")
+    if resume and config is None:
+        config = str(Path(run_dir) / "config.yaml")
+    if config is None:
+        raise FedsafeError("give a CONFIG (preset name or YAML path), e.g. `fedsafe flower sim tiny`")
     source = str(Path(config).resolve()) if Path(config).is_file() else str(config)
     cfg = load_config(source, overrides)
     check_supported(cfg)
-    d = new_run_dir(cfg, run_dir, overwrite=overwrite).resolve()
+    federation = " ".join(["simulation", f"num_supernodes={cfg.num_clients}", *(federation_config or [])])
+    if resume:
+        import flwr
+
+        from .resume import check_resume
+
+        d = Path(run_dir).resolve()
+        check_resume(d, cfg, {"flwr_version": str(flwr.__version__), "federation": federation})
+    else:
+        d = new_run_dir(cfg, run_dir, overwrite=overwrite).resolve()
     os.environ.update(OFFLINE_ENV)  # this process and everything it starts stay offline
     work = Path(tempfile.mkdtemp(prefix="fedsafe-flower-sim-"))
     home = work / "flwr-home"
@@ -241,7 +261,8 @@ def run_flower_sim(config: str, overrides: list[str] | None = None, run_dir: str
     run_cfg.write_text(
         f"fedsafe-config = {toml_str(source)}\noverrides = {toml_str(join_overrides(overrides))}\n"
         f"run-dir = {toml_str(str(d))}\nevaluate = {'true' if evaluate else 'false'}\n"
-        f"node-wait-s = {int(node_wait_s)}\n", encoding="utf-8")
+        f"node-wait-s = {int(node_wait_s)}\nresume = {'true' if resume else 'false'}\n"
+        f"federation = {toml_str(federation)}\n", encoding="utf-8")
     fed_cfg = [f"num_supernodes={cfg.num_clients}", f"client_resources_num_cpus={client_cpus:g}",
                "client_resources_num_gpus=0", *(federation_config or [])]
     link_log = work / "superlink.log"
@@ -288,8 +309,9 @@ def run_flower_sim(config: str, overrides: list[str] | None = None, run_dir: str
         # Ray actors outlive the simulation re-parented away from the SuperLink: find them by our private
         # FLWR_HOME in their environment (FEDSAFE_DEBUG=1 lists them)
         stop_env_marked(f"FLWR_HOME={home}")
-        if sim_log.exists() and d.is_dir():
-            shutil.copyfile(sim_log, d / "flower_sim.log")
+        if sim_log.exists() and d.is_dir():  # a resumed simulation adds its log to the interrupted one's
+            with open(sim_log, "rb") as src, open(d / "flower_sim.log", "ab" if resume else "wb") as dst:
+                shutil.copyfileobj(src, dst)
         if not keep_workdir:
             shutil.rmtree(work, ignore_errors=True)
     status = _flower_status(d)
@@ -347,14 +369,21 @@ def sim_cmd(
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Give up after this many seconds."),
     keep_workdir: bool = typer.Option(False, "--keep-workdir", help="Keep the temporary FLWR_HOME / SuperLink log."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not stream Flower's log."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this interrupted simulation from its last complete round (CONFIG optional; it must match)."),
 ):
     """Run a federation on Flower's Simulation Engine (one simulated SuperNode per client); prints the run directory."""
     source, overrides = _split(args)
-    if source is None:
+    if source is None and resume is None:
         raise FedsafeError("give a CONFIG (preset name or YAML path), e.g. `fedsafe flower sim tiny`")
+    if resume is not None:
+        if run_dir is not None and Path(run_dir).resolve() != resume.resolve():
+            raise FedsafeError("--resume RUN_DIR already names the run directory; drop --run-dir")
+        if overwrite:
+            raise FedsafeError("--resume and --overwrite exclude each other")
+        run_dir = resume
     d = run_flower_sim(source, overrides, run_dir, progress=not quiet, evaluate=not no_eval, client_cpus=client_cpus,
                        federation_config=federation_config, timeout_s=timeout, keep_workdir=keep_workdir,
-                       overwrite=overwrite)
+                       overwrite=overwrite, resume=resume is not None)
     typer.echo(str(d))
 
 
