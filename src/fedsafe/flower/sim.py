@@ -230,8 +230,12 @@ def run_flower_sim(config: str | None, overrides: list[str] | None = None, run_d
     overrides = list(overrides or [])
     if resume and run_dir is None:
         raise FedsafeError("--resume needs the run directory to continue")
+    if resume and not Path(run_dir).is_dir():
+        raise FedsafeError(f"cannot resume {run_dir}: no such run directory")
     if resume and config is None:
         config = str(Path(run_dir) / "config.yaml")
+        if not Path(config).is_file():
+            raise FedsafeError(f"cannot resume {run_dir}: not a run directory (no config.yaml)")
     if config is None:
         raise FedsafeError("give a CONFIG (preset name or YAML path), e.g. `fedsafe flower sim tiny`")
     source = str(Path(config).resolve()) if Path(config).is_file() else str(config)
