@@ -79,7 +79,9 @@ def _reference_rows(base: RunConfig, runs: Path, progress: bool) -> list[Path]:
 
 
 def run_demo(preset: str = "demo", overrides: list[str] | None = None, out_dir: str | Path | None = None, *,
-             quick: bool = False, levels=(1, 2), progress: bool = True) -> Path:
+             quick: bool = False, levels=(1, 2), progress: bool = True, forensic_pass: bool = False) -> Path:
+    """``forensic_pass``: train every client once from the attacked FedAvg's final adapter, so the report's
+    cosine heat-map shows every pair (the paper's Fig. 3a); costs about K/m rounds of training."""
     from .defense.finetune import defend_run
     from .fl.run import resume_run, start_run
     from .report.render import render
@@ -107,6 +109,14 @@ def run_demo(preset: str = "demo", overrides: list[str] | None = None, out_dir: 
         timings[slug] = round(time.time() - t0, 1)
         run_dirs.append(d)
     attacked = root / "runs" / "attack_fedavg"
+    if forensic_pass:
+        from .fl.forensic_pass import FILE, forensic_pass as run_forensic_pass
+
+        t0 = time.time()
+        if not (attacked / FILE).exists():
+            console.rule("[bold]forensic pass: every client once from the attacked FedAvg's final adapter")
+            run_forensic_pass(attacked, progress=progress)
+        timings["forensic_pass"] = round(time.time() - t0, 1)
     for lvl in levels:
         d = root / "runs" / f"attack_fedavg_defense_L{lvl}"
         t0 = time.time()

@@ -94,11 +94,15 @@ def render(run_dirs: list[str | Path], out_dir: str | Path, title: str = "fedsaf
 
 
 _CAPTIONS = {
-    "refusal_by_round": "Refusal rate on the server's probe prompts after each monitored round, per scenario.",
+    "refusal_by_round": "Refusal rate on the server's probe prompts at the start (round 0: the start adapter) and "
+                        "after each monitored round, per scenario. Identical curves overlap; the legend marks them "
+                        "with '=' and each line has its own marker and dash.",
     "methods": "Safety (refusal on harmful prompts, higher is better) and helpfulness proxy (false refusal on "
                "benign prompts, lower is better) per method, with 95% intervals.",
     "cosine_heatmap": "Pairwise cosine similarity of client updates (attacked FedAvg; malicious clients marked *), "
-                      "cf. the paper's Fig. 3a: no benign/malicious clusters.",
+                      "cf. the paper's Fig. 3a: no benign/malicious clusters. After a forensic pass "
+                      "(fedsafe.fl.forensic_pass) every client has trained once from the same global adapter and "
+                      "every pair is shown; otherwise only pairs sampled in the same round are.",
     "client_weights": "Mean weight each robust rule gave each client over the rounds it was sampled "
                       "(malicious clients in red), cf. the paper's Fig. 3b.",
 }
