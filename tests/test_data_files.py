@@ -110,25 +110,28 @@ def test_csv_extra_field(tmp_path):
 
 def test_missing_columns_list_present(tmp_path):
     p = write_jsonl(tmp_path / "x.jsonl", [{"text": "a", "label": 1}])
-    with pytest.raises(DataError, match="no instruction column found.*columns present: text, label"):
+    with pytest.raises(DataError, match="no instruction/response fields recognised; columns present: text, label. "
+                                        "Accepted without options: instruction.*messages \\[\\{role, content\\}\\]"):
         load_file(p)
     p2 = write_jsonl(tmp_path / "y.jsonl", [{"instruction": "a", "output": "b"}])
     with pytest.raises(DataError, match="no response column 'reply'; columns present: instruction, output"):
         load_file(p2, response_col="reply")
 
 
-def test_row_level_errors(tmp_path):
-    p = write_jsonl(tmp_path / "x.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "c"}])
-    with pytest.raises(DataError, match="line 2: missing column 'output'; columns present: instruction"):
-        load_file(p)
+def test_row_level_errors_and_counted_drops(tmp_path):
     p = write_jsonl(tmp_path / "y.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": 5, "output": "b"}])
     with pytest.raises(DataError, match="line 2: column 'instruction' should be text, got int"):
         load_file(p)
-    p = write_jsonl(tmp_path / "z.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "  ", "output": "b"}])
-    with pytest.raises(DataError, match=r"z\.jsonl, line 2: empty or non-text instruction"):
-        load_file(p)
+    # empty cells (missing, blank, None) are dropped and counted, never an error and never silent
+    p = write_jsonl(tmp_path / "z.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "  ", "output": "b"},
+                                           {"instruction": "c"}, {"instruction": "d", "output": None}, {"instruction": "e", "output": "f"}])
+    recs = load_file(p)
+    assert [r.instruction for r in recs] == ["a", "e"]
+    assert recs.report.rows == 5 and recs.report.kept == 2
+    assert dict(recs.report.dropped) == {"empty instruction": 1, "empty response": 2}
+    assert "dropped 3 (2 empty response, 1 empty instruction)" in recs.report.line()
     p = write_jsonl(tmp_path / "w.jsonl", [{"instruction": "a", "output": ""}])
-    with pytest.raises(DataError, match="line 1: kind 'normal' needs a non-empty response"):
+    with pytest.raises(DataError, match=r"w\.jsonl: no usable records: all 1 row\(s\) dropped \(1 empty response\)"):
         load_file(p)
 
 
