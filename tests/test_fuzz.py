@@ -551,7 +551,7 @@ def _fixed_lone_surrogate_record(tmp: Path, capsys):
     from fedsafe.eval.prompts import load_prompt_file
 
     (tmp / "p.jsonl").write_text('{"prompt": "a"}\n{"prompt": "x\\udfff"}\n')  # prompts are written out with generations
-    with pytest.raises(DataError, match=r"p\.jsonl:2: column 'prompt' is not valid Unicode \(unpaired surrogate U\+DFFF"):
+    with pytest.raises(DataError, match=r"p\.jsonl, line 2: instruction is not valid Unicode \(unpaired surrogate U\+DFFF"):
         load_prompt_file(tmp / "p.jsonl")
 
 
@@ -589,7 +589,7 @@ def _fixed_deep_prompt_file(tmp: Path, capsys):
     from fedsafe.errors import DataError
     from fedsafe.eval.prompts import load_prompt_file
 
-    for name, want in (("deep.jsonl", r"deep\.jsonl:1: JSON nested too deeply"),
+    for name, want in (("deep.jsonl", r"deep\.jsonl, line 1: JSON nested too deeply"),
                        ("deep.json", r"deep\.json: JSON nested too deeply")):
         (tmp / name).write_text("[" * 50_000 + "]" * 50_000 + "\n")
         with pytest.raises(DataError, match=want):
@@ -610,7 +610,7 @@ def _fixed_huge_int(tmp: Path, capsys):
         _load_file_source(f"file:{tmp / 'big.jsonl'}")
     with pytest.raises(DataError, match=r"big\.jsonl, line 2: unreadable JSON"):
         read_jsonl(tmp / "big.jsonl")
-    with pytest.raises(DataError, match=r"big\.jsonl:2: unreadable JSON"):
+    with pytest.raises(DataError, match=r"big\.jsonl, line 2: unreadable JSON"):  # one reader, one error format
         load_prompt_file(tmp / "big.jsonl")
 
 

@@ -131,20 +131,28 @@ def _json_rows(path: Path) -> Iterator[Row]:
 
 def _csv_rows(path: Path, delimiter: str) -> Iterator[Row]:
     try:
-        # -sig: an Excel-exported CSV starts with a BOM, which would otherwise stick to the first header
+        # -sig: an Excel-exported CSV starts with a BOM, which would otherwise stick to the first header.
+        # csv.reader (not DictReader) sees blank lines, so every record's first physical line is known,
+        # even when a quoted field spans several lines.
         with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f, delimiter=delimiter)
-            if not reader.fieldnames:
-                raise DataError(f"{path}: empty file (no header row)")
-            start = reader.line_num + 1
-            for i, row in enumerate(reader, 1):
+            reader = csv.reader(f, delimiter=delimiter)
+            header: list[str] | None = None
+            end, i = 0, 0
+            for rec in reader:
+                start, end = end + 1, reader.line_num
+                if not rec:
+                    continue
+                if header is None:
+                    header = rec
+                    continue
+                i += 1
                 loc = f"row {i} (line {start})"
-                start = reader.line_num + 1
-                if None in row:
-                    raise DataError(f"{path}, {loc}: more fields than the {len(reader.fieldnames)} header columns")
-                if any(v is None for v in row.values()):
-                    raise DataError(f"{path}, {loc}: fewer fields than the {len(reader.fieldnames)} header columns")
-                yield loc, row
+                if len(rec) != len(header):
+                    more = "more" if len(rec) > len(header) else "fewer"
+                    raise DataError(f"{path}, {loc}: {more} fields than the {len(header)} header columns")
+                yield loc, dict(zip(header, rec))
+            if header is None:
+                raise DataError(f"{path}: empty file (no header row)")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except csv.Error as e:
