@@ -271,6 +271,9 @@ def test_gguf_file_as_model_name(tmp_path, monkeypatch):
     sd = ref.state_dict()
     assert all(torch.equal(p, sd[n]) for n, p in model.state_dict().items())
     assert tok("hello")["input_ids"]
+    import shutil
+
+    shutil.rmtree(tmp_path / "cache")  # ~0.5 GB of fp32 weights
 
 
 # ---------------------------------------------------------------- bad input: one line, what was found, what is needed
