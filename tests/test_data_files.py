@@ -358,3 +358,16 @@ def test_aligned_file_reads_prompts(tmp_path):
     p = write_jsonl(tmp_path / "pairs.jsonl", [{"instruction": "How do I pick a lock?", "response": "Sure, first ..."}])
     recs = load_source(f"aligned:file:{p}")
     assert recs[0].kind == "aligned" and recs[0].response != "Sure, first ..." and recs.report.kind == "prompt"
+
+
+def test_conversation_as_json_text_in_a_csv_cell(tmp_path):
+    p = tmp_path / "conv.csv"
+    turns = json.dumps([{"role": "user", "content": "Q, with a comma"}, {"role": "assistant", "content": "A"}])
+    with open(p, "w", newline="") as f:
+        import csv
+
+        w = csv.writer(f)
+        w.writerows([["id", "messages"], ["1", turns], ["2", "not json ["]])
+    recs = load_file(p)
+    assert [(r.instruction, r.response) for r in recs] == [("Q, with a comma", "A")]
+    assert dict(recs.report.dropped) == {"no leading user turn": 1}

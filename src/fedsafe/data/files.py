@@ -289,7 +289,13 @@ def _turn(t: dict) -> tuple[str, Any]:
 
 
 def _first_exchange(conv: Any) -> tuple[Any, Any] | None:
-    """(first user turn, the assistant reply to it or "") of a ShareGPT/OpenAI turn list; None if no user turn leads."""
+    """(first user turn, the assistant reply to it or "") of a ShareGPT/OpenAI turn list; None if no user turn leads.
+    A CSV or a flattened export holds the list as JSON text in the cell; that is read too."""
+    if isinstance(conv, str) and conv.lstrip().startswith("["):
+        try:
+            conv = json.loads(conv)
+        except (ValueError, RecursionError):
+            return None
     if not _is_turn_list(conv):
         return None
     turns = [_turn(t) for t in conv]
