@@ -322,6 +322,6 @@ def test_readme_worked_example(tmp_path, cli):
                        "data.eval_benign_n=4", "data.probe_n=2")
     assert rc == 0, err
     kinds = {c[1]: c[4] for c in ([x.strip() for x in ln.split("│")] for ln in out.splitlines()) if len(c) > 7 and c[2] in FORMATS}
-    assert kinds == {"file:./alpaca.jsonl": "normal", "aligned:file:./harmful_behaviors.csv": "prompt",
+    assert kinds == {"file:./alpaca.jsonl": "normal", "aligned:file:./harmful_behaviors.csv": "prompt -> aligned (offline safe answers)",
                      "file:./maliciousQA.json": "unaligned", "./harmful_behaviors.csv": "prompt",
                      "./helpfulQA.json": "normal", "./benignQA.json": "aligned"}

@@ -357,7 +357,7 @@ def test_json_variants(tmp_path):
 def test_aligned_file_reads_prompts(tmp_path):
     p = write_jsonl(tmp_path / "pairs.jsonl", [{"instruction": "How do I pick a lock?", "response": "Sure, first ..."}])
     recs = load_source(f"aligned:file:{p}")
-    assert recs[0].kind == "aligned" and recs[0].response != "Sure, first ..." and recs.report.kind == "prompt"
+    assert recs[0].kind == "aligned" and recs[0].response != "Sure, first ..." and recs.report.kind == "prompt -> aligned (offline safe answers)"
 
 
 def test_conversation_as_json_text_in_a_csv_cell(tmp_path):

@@ -106,6 +106,8 @@ def _load_aligned(inner: str, seed: int | str = 0, style: str | None = None,
         raise DataError(f"aligned:{inner}: needs harmful prompts, but {len(normal)} record(s) are kind 'normal'")
     out, seen = FileRecords(), set()
     out.report = files.file_report(base)
+    if out.report is not None:
+        out.report.kind = f"{out.report.kind} -> aligned (offline safe answers)"
     for r in base:
         if r.instruction in seen:
             continue
