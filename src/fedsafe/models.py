@@ -58,10 +58,6 @@ def load_base(name: str, dtype: str = "float32", device: str = "auto"):
         raise FedsafeError(f"model {name!r}: no such file or directory; give {ACCEPTED_MODELS}")
     else:
         model, tok = _load_hf(name)
-    if name == "tiny" or name in EMBEDDED:
-        # adapters saved from it name this as their base model (adapter_config.json), so
-        # `fedsafe eval ADAPTER_DIR` and model.name=ADAPTER_DIR find it again without --model
-        model.config._name_or_path = model.name_or_path = name
     model = model.to(device=dev, dtype=DTYPES[dtype])
     model.eval()
     for p in model.parameters():
@@ -302,6 +298,7 @@ class LoraHandle:
     model: torch.nn.Module
     names: list[str]
     params: list[torch.nn.Parameter]
+    base_name: str = ""  # written to adapter_config.json when peft knows no base (tiny, the embedded model)
 
     @classmethod
     def of(cls, peft_model) -> "LoraHandle":
@@ -373,6 +370,7 @@ class LoraHandle:
         finally:
             if live is not None:
                 self.set_flat(live)
+        self._name_base(tmp / "adapter_config.json")
         if out.exists():
             old = out.with_name(f".{out.name}.old{os.getpid()}")
             os.replace(out, old)
@@ -381,6 +379,17 @@ class LoraHandle:
         else:
             os.replace(tmp, out)
         return out
+
+    def _name_base(self, path: Path) -> None:
+        """So that `fedsafe eval ADAPTER_DIR` and model.name=ADAPTER_DIR find the base without --model. Set
+        here, not as the model's name_or_path: peft would then look that name up on the Hub at every save."""
+        import json
+
+        if not self.base_name or not path.exists():
+            return
+        ac = json.loads(path.read_text(encoding="utf-8"))
+        ac["base_model_name_or_path"] = self.base_name  # not the embedded model's cache path: portable
+        path.write_text(json.dumps(ac, indent=2, sort_keys=True), encoding="utf-8")
 
     def load_adapter_dir(self, adapter_dir: str | Path) -> torch.Tensor:
         """Read a peft adapter directory into a flat vector matching this handle."""
