@@ -244,6 +244,8 @@ def defend_cmd(
     steps: Optional[int] = typer.Option(None, "--steps", help="Fine-tuning steps (default: the run's defense.steps; paper 500)."),
     n: Optional[int] = typer.Option(None, "-n", help="Defense samples (paper 1,000), half aligned and half normal."),
     generator: Optional[str] = typer.Option(None, "--generator", help="Level 2 generator: model name/path or endpoint:URL#MODEL."),
+    aligned_data: Optional[str] = typer.Option(None, "--aligned-data", help="Level 2 from files: harmful prompts with safe answers (a local file or spec); with --normal-data."),
+    normal_data: Optional[str] = typer.Option(None, "--normal-data", help="Level 2 from files: normal (instruction, response) pairs."),
     sweep: bool = typer.Option(False, "--sweep", help="Evaluate every checkpoint (the paper's steps ablation, Fig. 6)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output run directory (default: next to RUN_DIR); an existing one is resumed."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
@@ -251,8 +253,11 @@ def defend_cmd(
     """Post-hoc defense: fine-tune the global adapter on aligned + normal data (paper §5)."""
     from .defense.finetune import defend_run
 
+    files = {k: v for k, v in (("aligned_data", aligned_data), ("normal_data", normal_data)) if v is not None}
+    if files and level != 2:
+        raise FedsafeError("--aligned-data/--normal-data are Level 2 data; add --level 2")
     d = defend_run(run_dir, level=level, steps=steps, n=n, out=out_dir, generator=generator, sweep=sweep,
-                   progress=not quiet)
+                   progress=not quiet, cfg_overrides=files)
     if (d / "results.json").exists():
         import json as _json
 
