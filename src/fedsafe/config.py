@@ -128,6 +128,8 @@ class DefenseConfig:
     generator: str = ""  # Level 2: model name/path or endpoint:URL#model
     n_generated: int = 0  # Levels 2/3: samples to generate (0 = defense.n); generation is the slow part on CPU
     gen_max_new_tokens: int = 64  # Levels 2/3: tokens per generated response
+    projection: bool = False  # training-free: remove each round's aggregated delta along the unsafe direction
+    projection_threshold: float = 0.0  # project a module when cos(its delta, unsafe direction) exceeds this
 
 
 @dataclass
@@ -479,6 +481,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"attack.benign_mix must be in [0, 1), got {cfg.attack.benign_mix}")
     if cfg.defense.level not in (1, 2, 3):
         raise ConfigError(f"defense.level must be 1, 2 or 3, got {cfg.defense.level}")
+    if cfg.defense.projection and not cfg.init.adapter:
+        raise ConfigError("defense.projection needs an aligned start to compute the unsafe direction from: "
+                          "set init.adapter=align (or a path to an aligned peft adapter)")
+    if not -1 <= cfg.defense.projection_threshold < 1:
+        raise ConfigError(f"defense.projection_threshold must be in [-1, 1), got {cfg.defense.projection_threshold}")
     if not 0 <= cfg.defense.aligned_ratio <= 1:
         raise ConfigError(f"defense.aligned_ratio must be in [0, 1], got {cfg.defense.aligned_ratio}")
     from . import aggregators

@@ -306,6 +306,7 @@ class Engine:
         res = self.rule(U, w, state=self.agg_state, **params)
         agg = res.aggregate - self.global_vec if on_weights else res.aggregate
         fx = aggregators.forensics(X - self.global_vec)  # deltas from this round's starting point
+        self.round_start_vec = self.global_vec  # for post-aggregate hooks that act on the round's delta
         self.global_vec = self.server.step(self.global_vec, agg)
         row["client_weights"] = {str(c): float(v) for c, v in zip(ids, res.client_weights)}
         row["agg_norm"] = float(agg.norm())

@@ -91,6 +91,10 @@ def build_engine(cfg: RunConfig, run_dir: Path, *, progress: bool = True, **kw) 
         from ..defense.probe import make_probe_fn
 
         eng.probe_fn = make_probe_fn(rt, fed)
+    if cfg.defense.projection:
+        from ..defense.projection import projection_hook
+
+        eng.post_aggregate.append(projection_hook(cfg, eng))
     if cfg.defense.every_rounds > 0:
         from ..defense.finetune import inline_defense_hook
 
