@@ -138,3 +138,40 @@ def test_flame_runs_in_the_engine(tmp_path):
     eng.run_round(0)
     fx = json.loads((tmp_path / "forensics.jsonl").read_text().splitlines()[0])
     assert fx["aggregator"] == "flame" and len(fx["info"]["admitted"]) == 3
+
+
+# ---------------------------------------------------------------- update classifier
+def test_update_classifier_separates_a_planted_malicious_update():
+    from fedsafe.aggregators import REGISTRY
+
+    g = torch.Generator().manual_seed(7)
+    d = 80
+    benign_dir, harm_dir = torch.randn(d, generator=g), torch.randn(d, generator=g)
+    sim_b = benign_dir + 0.3 * torch.randn(2, d, generator=g)
+    sim_m = benign_dir + 2 * harm_dir + 0.3 * torch.randn(2, d, generator=g)
+    clients = torch.cat([benign_dir + 0.3 * torch.randn(4, d, generator=g),
+                         (benign_dir + 2 * harm_dir + 0.3 * torch.randn(d, generator=g))[None]])
+    res = REGISTRY["update_classifier"](clients, None, labelled_updates=(sim_b, sim_m))
+    p = torch.tensor(res.info["p_malicious"])
+    assert (p[:4] < 0.5).all() and p[4] > 0.5
+    assert res.client_weights.tolist()[4] == 0 and torch.allclose(res.aggregate, clients[:4].mean(0))
+
+
+def test_update_classifier_is_refused_as_a_target_and_needs_its_inputs():
+    from fedsafe.aggregators import REGISTRY
+
+    with pytest.raises(ValueError, match="labelled_updates"):
+        REGISTRY["update_classifier"](torch.ones(3, 4), None)
+    with pytest.raises(ConfigError, match="labelled_updates"):
+        load_config("tiny", ["fl.aggregator=update_classifier", "attack.behaviour=min_max",
+                             "attack.params={target: aggregator}"])
+
+
+def test_update_classifier_runs_in_the_engine(tmp_path):
+    from fedsafe.fl.run import build_engine
+
+    cfg = load_config("tiny", ["fl.rounds=1", "fl.aggregator=update_classifier", "fl.aggregator_params={sims: 1}"])
+    eng = build_engine(cfg, tmp_path, progress=False)
+    eng.run_round(0)
+    fx = json.loads((tmp_path / "forensics.jsonl").read_text().splitlines()[0])
+    assert fx["aggregator"] == "update_classifier" and len(fx["info"]["p_malicious"]) == 3

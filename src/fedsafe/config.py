@@ -506,7 +506,7 @@ def _validate_attack(cfg: RunConfig, agg_params: dict, n_mal: int) -> None:
         """Why an attacker cannot run the server's rule itself ("" when it can)."""
         import torch
 
-        private = sorted(aggregators.rule_needs(name) & {"root_update", "probe_scores", "client_ids"})
+        private = sorted(aggregators.rule_needs(name) - {"round"})  # root set, probe, history, simulations
         if private:
             return f"the rule uses server-side input the attacker does not have ({', '.join(private)})"
         n = cfg.fl.sample_clients

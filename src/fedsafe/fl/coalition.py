@@ -43,11 +43,17 @@ def reference_shards(eng) -> list[tuple[list, list]]:
 
 
 def reference_updates(eng, rnd: int, lr: float) -> list[torch.Tensor]:
-    """Deltas the coalition trains itself from the global adapter on its reference shards (benign code path,
-    fresh optimiser, no client state)."""
+    """Deltas the coalition trains itself from the global adapter on its reference shards."""
+    return train_from_global(eng, eng.ref_examples, rnd, lr, REFERENCE_SEED)
+
+
+def train_from_global(eng, shards: list[tuple[list, list]], rnd: int, lr: float, seed_offset: int) -> list[torch.Tensor]:
+    """One local training per ``(records, examples)`` shard from the global adapter, with the benign code path
+    and hyper-parameters (fresh optimiser, no client state); returns the deltas. Also used by the server to
+    simulate updates (``defense/classifier.py``)."""
     fl, rt, out = eng.cfg.fl, eng.rt, []
-    for k, (recs, ex) in enumerate(eng.ref_examples):
-        seed = _seed(eng.cfg.seed, rnd, REFERENCE_SEED + k)
+    for k, (recs, ex) in enumerate(shards):
+        seed = _seed(eng.cfg.seed, rnd, seed_offset + k)
         torch.manual_seed(seed)
         rt.handle.set_flat(eng.global_vec)
         prox = fl.prox_mu if fl.fed_alg == "fedprox" else 0.0

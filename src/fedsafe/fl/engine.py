@@ -101,6 +101,7 @@ class Engine:
             self.scaffold = ScaffoldState(c=torch.zeros_like(self.global_vec))
         self.root_fn = None  # set by callers that need a server root update (FLTrust)
         self.probe_fn = None  # set by callers for behaviour-scoring rules (safety_probe)
+        self.classifier_fn = None  # set by callers for rules that score updates with a classifier (update_classifier)
         self.post_aggregate: list[Callable[["Engine", int], dict | None]] = []  # e.g. in-training defense
         self.attack_spec = attack.get_spec(cfg.attack.behaviour)
         self.attack_params = attack.resolve_params(self.attack_spec, cfg.attack.params)
@@ -303,6 +304,8 @@ class Engine:
             params["root_update"] = root if not on_weights else root + self.global_vec
         if "probe_scores" in rule_needs(self.rule):
             params["probe_scores"] = self.probe_fn(self.global_vec, X - self.global_vec)
+        if "labelled_updates" in rule_needs(self.rule):  # server-simulated updates (update_classifier)
+            params["labelled_updates"] = self.classifier_fn(rnd)
         res = self.rule(U, w, state=self.agg_state, **params)
         agg = res.aggregate - self.global_vec if on_weights else res.aggregate
         fx = aggregators.forensics(X - self.global_vec)  # deltas from this round's starting point

@@ -91,6 +91,10 @@ def build_engine(cfg: RunConfig, run_dir: Path, *, progress: bool = True, **kw) 
         from ..defense.probe import make_probe_fn
 
         eng.probe_fn = make_probe_fn(rt, fed)
+    if "labelled_updates" in needs:
+        from ..defense.classifier import make_classifier_fn
+
+        eng.classifier_fn = make_classifier_fn(eng)
     if cfg.defense.projection:
         from ..defense.projection import projection_hook
 
