@@ -183,3 +183,37 @@ def test_engine_crafts_the_malicious_update(tmp_path, behaviour, knowledge):
         assert deltas[3].norm() == pytest.approx(row["attack"]["norm"], rel=1e-4)
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["attack"]["clients"] == [3]
+
+
+def test_matrix_splits_labels_and_takes_each_defense_worst_case():
+    from fedsafe.report import matrix
+
+    def run(label, refusal, fr):
+        return {"label": label, "results": {"refusal": {"rate": refusal}, "false_refusal": {"rate": fr}}}
+
+    runs = [run("fl.aggregator=mean, attack.behaviour=data", 0.5, 0.1),
+            run("fl.aggregator=mean, attack.behaviour=alie", 0.2, 0.1),
+            run("fl.aggregator=krum, attack.behaviour=data", 0.6, 0.3),
+            run("fl.aggregator=krum, attack.behaviour=alie", 0.7, 0.2),
+            run("fl.aggregator=krum, attack.behaviour=alie", 0.9, 0.2)]  # a second seed: averaged
+    m = matrix.build(runs)
+    assert m["defenses"] == ["mean", "krum"] and m["attacks"] == ["data", "alie"]
+    assert m["refusal"]["krum"] == pytest.approx([60.0, 80.0])
+    assert m["worst"] == {"mean": {"refusal": pytest.approx(20.0), "attack": "alie"},
+                          "krum": {"refusal": pytest.approx(60.0), "attack": "data"}}
+    md = matrix.markdown(m)
+    assert "| mean | 50.0 | 20.0 | **20.0** (alie) |" in md and "False refusal" in md
+    assert matrix.build(runs[:1]) is None  # no attack axis, no matrix
+    assert matrix.heatmap(m)[:4] == b"\x89PNG"
+
+
+def test_sweep_with_an_attack_axis_draws_the_matrix(tmp_path):
+    from fedsafe.sweep import run_sweep
+
+    root = run_sweep("tiny", ["fl.aggregator=mean,median", "attack.behaviour=data,ipm"], seeds=1,
+                     overrides=["fl.rounds=1", "eval.max_new_tokens=2"], out_dir=tmp_path / "s", progress=False)
+    m = json.loads((root / "report" / "matrix.json").read_text())
+    assert m["defenses"] == ["mean", "median"] and m["attacks"] == ["data", "ipm"]
+    assert all(v is not None for d in m["defenses"] for v in m["refusal"][d])
+    assert (root / "report" / "attack_matrix.png").stat().st_size > 1000
+    assert "worst case" in (root / "report" / "matrix.md").read_text()
