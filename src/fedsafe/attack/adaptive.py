@@ -124,6 +124,7 @@ def _min_dist_attack(ctx: RoundContext, *, rule: str, gamma_init: float, tol: fl
     mu = B.mean(0)
     p = _perturbation(ctx, direction)
     n_mal = ctx.own.shape[0]
+    D = _sq_dists(B, B)  # (n_b, n_b) pairwise squared distances between benign updates
     if target == "aggregator":
         if ctx.aggregate is None:
             raise ValueError(f"{rule}: target=aggregator needs the server's rule in the context")
@@ -137,15 +138,17 @@ def _min_dist_attack(ctx: RoundContext, *, rule: str, gamma_init: float, tol: fl
                 return True
             return False
     else:
-        D = _sq_dists(B, B)
         bound = float(D.max()) if rule == "min_max" else float(D.sum(1).max())
+        # ||mu + gamma p - b_i||^2 = a_i + 2 gamma c_i + gamma^2 pp: one pass over the data, then O(n) per step
+        diff = (mu - B).double()
+        a, c, pp = diff.pow(2).sum(1), diff @ p.double(), float(p.double().dot(p.double()))
 
         def ok(gamma: float) -> bool:  # AGR-agnostic: stay within the benign updates' own spread
-            d = _sq_dists((mu + gamma * p)[None], B)[0]
+            d = a + 2 * gamma * c + gamma * gamma * pp
             return float(d.max() if rule == "min_max" else d.sum()) <= bound
 
     if gamma_init is None:  # scale-aware: the search covers gamma * ||p|| in (0, 2 * max benign distance)
-        spread = float(_sq_dists(B, B).max().sqrt())
+        spread = float(D.max().sqrt())
         gamma_init = spread / max(float(p.norm()), 1e-30) if spread > 0 else 1.0
     tol = tol if tol is not None else gamma_init * 1e-6
     gamma = _gamma_search(ok, gamma_init, tol)
