@@ -130,6 +130,8 @@ def test_stealthy_matches_benign_norm_and_cosine():
     (["attack.behaviour=scale", "attack.knowledge=omniscient"], "leave it empty"),
     (["attack.behaviour=alie", "attack.knowledge=psychic"], "not supported"),
     (["attack.behaviour=alei"], "did you mean 'alie'"),
+    (["attack.behaviour=ipm", "fl.sampling=stratified", "fl.sample_clients=1", "fl.malicious_per_round=1"],
+     "fills every sampled slot"),
 ])
 def test_unmeetable_knowledge_is_refused_before_training(overrides, match):
     with pytest.raises(ConfigError, match=match):

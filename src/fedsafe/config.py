@@ -532,7 +532,9 @@ def _validate_attack(cfg: RunConfig, agg_params: dict, n_mal: int) -> None:
         raise ConfigError(f"attack.ref_updates must be >= 0, got {a.ref_updates}")
     attack.check_attack(a.behaviour, a.params, a.knowledge, ref_updates=a.ref_updates,
                         sample_clients=cfg.fl.sample_clients, n_benign_clients=cfg.num_clients - n_mal,
-                        n_malicious_clients=n_mal, aggregator=cfg.fl.aggregator, aggregator_simulable=simulable)
+                        n_malicious_clients=n_mal, aggregator=cfg.fl.aggregator, aggregator_simulable=simulable,
+                        benign_per_round=None if cfg.fl.malicious_per_round is None
+                        else cfg.fl.sample_clients - cfg.fl.malicious_per_round)
 
 
 def dump_yaml(cfg: RunConfig) -> str:

@@ -141,9 +141,12 @@ def knowledge_of(spec: AttackSpec, knowledge: str) -> str:
 
 
 def check_attack(behaviour: str, params: dict, knowledge: str, *, ref_updates: int, sample_clients: int,
-                 n_benign_clients: int, n_malicious_clients: int, aggregator: str = "",
+                 n_benign_clients: int, n_malicious_clients: int, benign_per_round: int | None = None,
+                 aggregator: str = "",
                  aggregator_simulable: Callable[[str], str] | None = None) -> None:
     """Refuse, before training, a behaviour whose parameters are wrong or whose knowledge cannot be met.
+
+    ``benign_per_round``: benign clients in every round when the sampling fixes it (None: it varies).
 
     ``aggregator_simulable(name)`` returns ``""`` when the attacker can run the server's rule itself,
     else the reason it cannot (server state, server-private inputs).
@@ -164,6 +167,9 @@ def check_attack(behaviour: str, params: dict, knowledge: str, *, ref_updates: i
         if n_benign_clients == 0:
             fail(behaviour, "knowledge 'omniscient' needs benign clients to observe, but every client is "
                  "malicious; use attack.knowledge=estimate")
+        if benign_per_round == 0:
+            fail(behaviour, "knowledge 'omniscient' needs benign updates in the round, but fl.malicious_per_round "
+                 "fills every sampled slot with a malicious client; use attack.knowledge=estimate")
         if sample_clients < 2:
             fail(behaviour, "knowledge 'omniscient' needs at least one benign update in the round, but "
                  "fl.sample_clients=1 leaves a malicious client alone in its rounds; use attack.knowledge=estimate")
