@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 from fedsafe.config import load_config
 from fedsafe.demo import scenario_configs
 from fedsafe.eval.runner import evaluate_adapter
@@ -44,7 +46,7 @@ def main(argv=None) -> None:
     ap.add_argument("--tag", required=True)
     ap.add_argument("--preset", default="demo")
     ap.add_argument("--scenarios", default="start,clean,attack",
-                    help="comma list of: start, clean, attack, attack_<rule>")
+                    help="comma list of: start, clean, attack, attack_<rule>, dose<k> (k malicious per round)")
     ap.add_argument("--note", default="")
     ap.add_argument("--log", default=str(ROOT / "docs" / "fidelity_runs.jsonl"))
     ap.add_argument("overrides", nargs="*")
@@ -54,6 +56,10 @@ def main(argv=None) -> None:
     scen = {slug: cfg for slug, _, cfg in scenario_configs(base, rules=[])}
     wanted = a.scenarios.split(",")
     for w in wanted:
+        if w.startswith("dose"):  # attacked FedAvg with exactly k malicious clients in every round
+            c = copy.deepcopy(base)
+            c.fl.sampling, c.fl.malicious_per_round = "stratified", int(w[4:])
+            scen[w] = dataclasses.replace(c, name=w).validate()
         if w.startswith("attack_") and w not in scen:
             c = copy.deepcopy(base)
             c.fl.aggregator = w[len("attack_"):]
@@ -102,7 +108,10 @@ def main(argv=None) -> None:
         results[w] = out
         print(json.dumps({"tag": a.tag, "scenario": w, **out}), flush=True)
         with open(a.log, "a") as f:
-            f.write(json.dumps({"tag": a.tag, "scenario": w, "preset": a.preset, "overrides": a.overrides,
+            preset = a.preset
+            if Path(preset).is_file():  # log the YAML itself, never a path of this machine
+                preset = yaml.safe_load(Path(preset).read_text())
+            f.write(json.dumps({"tag": a.tag, "scenario": w, "preset": preset, "overrides": a.overrides,
                                 "note": a.note, "when": time.strftime("%Y-%m-%d %H:%M"), **out,
                                 "losses": losses}) + "\n")
     print(f"outputs kept in {tmp}", file=sys.stderr)

@@ -131,6 +131,8 @@ class DefenseConfig:
     gen_max_new_tokens: int = 64  # Levels 2/3: tokens per generated response
     projection: bool = False  # training-free: remove each round's aggregated delta along the unsafe direction
     projection_threshold: float = 0.0  # project a module when cos(its delta, unsafe direction) exceeds this
+    aligned_data: str = ""  # Level 2 from pre-generated data (the paper's released files): a spec or local file of
+    normal_data: str = ""   # harmful prompts with safe answers, and one of normal pairs; set both to skip generation
 
 
 @dataclass
@@ -500,6 +502,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"defense.projection_threshold must be in [-1, 1), got {cfg.defense.projection_threshold}")
     if not 0 <= cfg.defense.aligned_ratio <= 1:
         raise ConfigError(f"defense.aligned_ratio must be in [0, 1], got {cfg.defense.aligned_ratio}")
+    _check_defense_files(cfg.defense)
     from . import aggregators
 
     params = dict(cfg.fl.aggregator_params)
@@ -535,6 +538,21 @@ def _validate_attack(cfg: RunConfig, agg_params: dict, n_mal: int) -> None:
                         n_malicious_clients=n_mal, aggregator=cfg.fl.aggregator, aggregator_simulable=simulable,
                         benign_per_round=None if cfg.fl.malicious_per_round is None
                         else cfg.fl.sample_clients - cfg.fl.malicious_per_round)
+
+
+def _check_defense_files(d: DefenseConfig) -> None:
+    if bool(d.aligned_data) != bool(d.normal_data):
+        raise ConfigError("defense.aligned_data and defense.normal_data go together (Level 2 from files: "
+                          "aligned answers + normal answers); set both or neither")
+    from .data.sources import parse_spec
+    from .errors import DataError
+
+    for key in ("aligned_data", "normal_data"):
+        if getattr(d, key):
+            try:
+                parse_spec(getattr(d, key))
+            except DataError as e:
+                raise ConfigError(f"defense.{key}: {e}") from None
 
 
 def dump_yaml(cfg: RunConfig) -> str:
