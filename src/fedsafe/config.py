@@ -82,10 +82,15 @@ class FLConfig:
 
 @dataclass
 class AttackConfig:
-    behaviour: str = "data"  # data (the paper: ordinary SFT on unaligned data) | sign_flip | scale | gaussian | none
+    # fedsafe.attack.REGISTRY: data (the paper: ordinary SFT on unaligned data) | none | sign_flip | scale |
+    # gaussian | alie | ipm | min_max | min_sum | stealthy
+    behaviour: str = "data"
     scale: float = 10.0  # for 'scale' (model replacement)
     noise_std: float = 0.01  # for 'gaussian'
     benign_mix: float = 0.0  # fraction of benign data a malicious client mixes in for stealth
+    params: dict[str, Any] = field(default_factory=dict)  # behaviour parameters (e.g. z for alie, eps for ipm)
+    knowledge: str = ""  # colluding attacks: omniscient (the round's benign updates) | estimate ("" = its default)
+    ref_updates: int = 3  # knowledge=estimate: benign-looking updates the coalition trains per round
 
 
 @dataclass
@@ -124,6 +129,8 @@ class DefenseConfig:
     generator: str = ""  # Level 2: model name/path or endpoint:URL#model
     n_generated: int = 0  # Levels 2/3: samples to generate (0 = defense.n); generation is the slow part on CPU
     gen_max_new_tokens: int = 64  # Levels 2/3: tokens per generated response
+    projection: bool = False  # training-free: remove each round's aggregated delta along the unsafe direction
+    projection_threshold: float = 0.0  # project a module when cos(its delta, unsafe direction) exceeds this
     aligned_data: str = ""  # Level 2 from pre-generated data (the paper's released files): a spec or local file of
     normal_data: str = ""   # harmful prompts with safe answers, and one of normal pairs; set both to skip generation
 
@@ -205,7 +212,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "fl.fed_alg": ("fedavg", "fedavgm", "fedadagrad", "fedyogi", "fedadam", "fedprox", "scaffold"),
     "fl.aggregate_on": ("deltas", "weights"),
     "fl.sampling": ("random", "stratified"),
-    "attack.behaviour": ("data", "sign_flip", "scale", "gaussian", "none"),
 }
 
 
@@ -274,7 +280,7 @@ def _read_yaml(path_or_name: str, _chain: tuple[tuple[str, str], ...] = ()) -> t
 def _deep_merge(a: dict, b: dict) -> dict:
     out = dict(a)
     for k, v in b.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("aggregator_params", "mix"):
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("aggregator_params", "mix", "params"):
             out[k] = _deep_merge(out[k], v)
         else:
             out[k] = v
@@ -489,6 +495,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"attack.benign_mix must be in [0, 1), got {cfg.attack.benign_mix}")
     if cfg.defense.level not in (1, 2, 3):
         raise ConfigError(f"defense.level must be 1, 2 or 3, got {cfg.defense.level}")
+    if cfg.defense.projection and not cfg.init.adapter:
+        raise ConfigError("defense.projection needs an aligned start to compute the unsafe direction from: "
+                          "set init.adapter=align (or a path to an aligned peft adapter)")
+    if not -1 <= cfg.defense.projection_threshold < 1:
+        raise ConfigError(f"defense.projection_threshold must be in [-1, 1), got {cfg.defense.projection_threshold}")
     if not 0 <= cfg.defense.aligned_ratio <= 1:
         raise ConfigError(f"defense.aligned_ratio must be in [0, 1], got {cfg.defense.aligned_ratio}")
     _check_defense_files(cfg.defense)
@@ -499,6 +510,34 @@ def validate(cfg: RunConfig) -> None:
     if cfg.fl.oracle and "f" not in params and "f" in aggregators.base.get_spec(cfg.fl.aggregator).params:
         params["f"] = mpr if mpr is not None else round(cfg.fl.sample_clients * n_mal / max(k, 1))
     aggregators.check_params(cfg.fl.aggregator, cfg.fl.sample_clients, params)
+    _validate_attack(cfg, params, n_mal)
+
+
+def _validate_attack(cfg: RunConfig, agg_params: dict, n_mal: int) -> None:
+    """The behaviour, its parameters, and whether its knowledge assumption can be met (before training)."""
+    from . import aggregators, attack
+
+    def simulable(name: str) -> str:
+        """Why an attacker cannot run the server's rule itself ("" when it can)."""
+        import torch
+
+        private = sorted(aggregators.rule_needs(name) - {"round"})  # root set, probe, history, simulations
+        if private:
+            return f"the rule uses server-side input the attacker does not have ({', '.join(private)})"
+        n = cfg.fl.sample_clients
+        state: dict = {}
+        aggregators.REGISTRY[name](torch.randn(n, 8, generator=torch.Generator().manual_seed(0)), state=state,
+                                   round=0, **agg_params)
+        return "the rule keeps server state across rounds that the attacker cannot observe" if state else ""
+
+    a = cfg.attack
+    if a.ref_updates < 0:
+        raise ConfigError(f"attack.ref_updates must be >= 0, got {a.ref_updates}")
+    attack.check_attack(a.behaviour, a.params, a.knowledge, ref_updates=a.ref_updates,
+                        sample_clients=cfg.fl.sample_clients, n_benign_clients=cfg.num_clients - n_mal,
+                        n_malicious_clients=n_mal, aggregator=cfg.fl.aggregator, aggregator_simulable=simulable,
+                        benign_per_round=None if cfg.fl.malicious_per_round is None
+                        else cfg.fl.sample_clients - cfg.fl.malicious_per_round)
 
 
 def _check_defense_files(d: DefenseConfig) -> None:

@@ -30,9 +30,12 @@ Canonical rules and the paper's variants (Ye et al., ICLR 2025, code ``fed_globa
 ``dnc``             Shejwalkar & Houmansadr, seeded
 ``fltrust``         Cao et al., trust from a server root update
 ``safety_probe``    behavioural scores from a server probe set (``safety_probe.py``)
+``flame``           Nguyen et al.: HDBSCAN over cosine distances, median-norm clipping, noise
+``update_classifier``  a classifier trained on server-simulated updates (``classifier.py``)
 ==================  =====================================================================
 
-FLAME is not provided: it needs HDBSCAN (scikit-learn >= 1.3), which is not a dependency.
+``flame`` needs scikit-learn >= 1.3 (HDBSCAN), an optional dependency (``pip install 'fedsafe[flame]'``);
+choosing it without scikit-learn is refused before training.
 
 Deltas or weights
 -----------------
@@ -67,7 +70,7 @@ are those of the torch code, which GPUs run (tests check the two agree). Exact s
 
 # Importing the rule modules registers them.
 from . import clipping, coordinatewise, dnc, fltrust, foolsgold, geomed, krum, mean  # noqa: F401
-from . import residual, safety_probe  # noqa: F401
+from . import classifier, flame, residual, safety_probe  # noqa: F401
 from .base import REGISTRY, AggResult, check_params, register, rule_needs
 from .forensics import forensics
 

@@ -23,12 +23,12 @@ from typing import Callable
 
 import torch
 
-from .. import aggregators
+from .. import aggregators, attack
 from ..config import RunConfig
 from ..errors import FedsafeError
 from ..io import append_jsonl, read_jsonl, write_jsonl
 from ..runtime import Runtime, get_runtime
-from . import checkpoint
+from . import checkpoint, coalition
 from .server_opt import ScaffoldState, ServerOptimizer
 from .train import lr_at_round, train_local
 from .updates import RejectedUpdate, validate_state
@@ -105,7 +105,11 @@ class Engine:
             self.scaffold = ScaffoldState(c=torch.zeros_like(self.global_vec))
         self.root_fn = None  # set by callers that need a server root update (FLTrust)
         self.probe_fn = None  # set by callers for behaviour-scoring rules (safety_probe)
+        self.classifier_fn = None  # set by callers for rules that score updates with a classifier (update_classifier)
         self.post_aggregate: list[Callable[["Engine", int], dict | None]] = []  # e.g. in-training defense
+        self.attack_spec = attack.get_spec(cfg.attack.behaviour)
+        self.attack_params = attack.resolve_params(self.attack_spec, cfg.attack.params)
+        self.ref_examples = coalition.reference_shards(self) if self._attack_knowledge() == "estimate" else []
 
     # ------------------------------------------------------------------ state
     def state_dict(self, rnd: int) -> dict:
@@ -206,22 +210,21 @@ class Engine:
             yield cid, rt.handle.state_dict(y), {"loss": res.loss, "tokens": res.tokens, "seconds": seconds}
 
     def _prefix_fn(self, cid: int):
-        recs, ex = self.fed.clients[cid].records, self.examples[cid]
+        return self._prefix_fn_for(self.fed.clients[cid].records, self.examples[cid])
+
+    def _prefix_fn_for(self, recs: list, ex: list):
         return lambda idx: self.rt.prefix([recs[i] for i in idx], [ex[i] for i in idx])
 
+    # ------------------------------------------------------------------ attack hooks (behaviours in attack/)
     def _malicious_behaviour(self, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Classical model-poisoning baselines, for comparison with the paper's data-only attack."""
-        a = self.cfg.attack
-        d = y - self.global_vec
-        if a.behaviour == "sign_flip":
-            d = -d
-        elif a.behaviour == "scale":
-            d = d * a.scale
-        elif a.behaviour == "gaussian":
-            d = torch.randn(d.shape, generator=gen) * a.noise_std
-        else:
+        """What a malicious client sends after training to ``y``: a client-scope behaviour of
+        :mod:`fedsafe.attack`; round-scope (colluding) attacks send ``y`` here and craft in :func:`fedsafe.fl.coalition.collude`."""
+        if self.attack_spec.scope != "client":
             return y
-        return self.global_vec + d
+        return attack.apply_client(self.cfg.attack.behaviour, y, self.global_vec, gen, self.cfg.attack)
+
+    def _attack_knowledge(self) -> str:
+        return attack.knowledge_of(self.attack_spec, self.cfg.attack.knowledge) if self.malicious else ""
 
     # ------------------------------------------------------------------ rounds
     def run(self) -> torch.Tensor:
@@ -258,7 +261,10 @@ class Engine:
         sampled = sample_clients(self.cfg.seed, rnd, self.K, fl.sample_clients, self.malicious, fl.sampling,
                                  fl.malicious_per_round)
         vecs, ids, losses, rejected, dcs = [], [], {}, {}, []
-        for cid, sd, m in self._client_updates(sampled, rnd, lr):
+        updates, attack_info = list(self._client_updates(sampled, rnd, lr)), None
+        if self.attack_spec.scope == "round":
+            updates, attack_info = coalition.collude(self, updates, rnd, lr)
+        for cid, sd, m in updates:
             if self.update_hook is not None:
                 sd = self.update_hook(cid, rnd, sd)
             try:
@@ -278,6 +284,8 @@ class Engine:
                "client_loss": {str(k): v for k, v in losses.items()}}
         if rejected:
             row["rejected"] = {str(k): v for k, v in rejected.items()}
+        if attack_info is not None:
+            row["attack"] = attack_info
         if len(vecs) < max(1, fl.min_clients):
             row["skipped"] = f"only {len(vecs)} valid updates (fl.min_clients={fl.min_clients}); global adapter unchanged"
             row["train_loss"] = None
@@ -314,9 +322,12 @@ class Engine:
             params["root_update"] = root if not on_weights else root + self.global_vec
         if "probe_scores" in rule_needs(self.rule):
             params["probe_scores"] = self.probe_fn(self.global_vec, X - self.global_vec)
+        if "labelled_updates" in rule_needs(self.rule):  # server-simulated updates (update_classifier)
+            params["labelled_updates"] = self.classifier_fn(rnd)
         res = self.rule(U, w, state=self.agg_state, **params)
         agg = res.aggregate - self.global_vec if on_weights else res.aggregate
         fx = aggregators.forensics(X - self.global_vec)  # deltas from this round's starting point
+        self.round_start_vec = self.global_vec  # for post-aggregate hooks that act on the round's delta
         self.global_vec = self.server.step(self.global_vec, agg)
         row["client_weights"] = {str(c): float(v) for c, v in zip(ids, res.client_weights)}
         row["agg_norm"] = float(agg.norm())

@@ -16,6 +16,7 @@ import yaml
 from ..config import RunConfig, dump_yaml, from_dict
 from ..errors import FedsafeError
 from ..io import atomic_write_json, atomic_write_text
+from ..attack.data import apply_benign_mix
 from ..runtime import get_runtime
 from .checkpoint import refuse_pickled
 from .engine import Engine
@@ -72,7 +73,7 @@ def build_engine(cfg: RunConfig, run_dir: Path, *, progress: bool = True, **kw) 
     from ..defense.align import initial_vec, reserve
 
     align_records = reserve(cfg, fed)
-    _apply_benign_mix(cfg, fed)
+    apply_benign_mix(cfg.attack.benign_mix, cfg.seed, fed)
     rt = get_runtime(cfg.model, cfg.lora)
     if "round_callback" not in kw:
         from ..eval.runner import make_monitor
@@ -92,30 +93,19 @@ def build_engine(cfg: RunConfig, run_dir: Path, *, progress: bool = True, **kw) 
         from ..defense.probe import make_probe_fn
 
         eng.probe_fn = make_probe_fn(rt, fed)
+    if "labelled_updates" in needs:
+        from ..defense.classifier import make_classifier_fn
+
+        eng.classifier_fn = make_classifier_fn(eng)
+    if cfg.defense.projection:
+        from ..defense.projection import projection_hook
+
+        eng.post_aggregate.append(projection_hook(cfg, eng))
     if cfg.defense.every_rounds > 0:
         from ..defense.finetune import inline_defense_hook
 
         eng.post_aggregate.append(inline_defense_hook(cfg, fed, rt))
     return eng
-
-
-def _apply_benign_mix(cfg: RunConfig, fed) -> None:
-    """Stealth variant: malicious clients replace a fraction of their data by held-out normal data."""
-    mix = cfg.attack.benign_mix
-    if mix <= 0:
-        return
-    import random
-
-    pool = [r for recs in fed.heldout.values() for r in recs if r.kind == "normal"]
-    rng = random.Random(cfg.seed)
-    rng.shuffle(pool)
-    for c in fed.clients:
-        if c.malicious:
-            k = int(len(c.records) * mix)
-            if k > len(pool):
-                raise FedsafeError(f"attack.benign_mix={mix}: not enough held-out normal data ({len(pool)})")
-            c.records[:k] = pool[:k]
-            del pool[:k]
 
 
 def write_run_header(cfg: RunConfig, run_dir: Path, fed) -> None:

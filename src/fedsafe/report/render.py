@@ -90,6 +90,14 @@ def render(run_dirs: list[str | Path], out_dir: str | Path, title: str = "fedsaf
         if png is not None:
             atomic_write_bytes(out / f"{name}.png", png)
             figs[name] = png
+    from . import matrix
+
+    m = matrix.build(runs)  # only for sweeps with an attack axis
+    if m is not None:
+        atomic_write_text(out / "matrix.md", matrix.markdown(m))
+        atomic_write_json(out / "matrix.json", m)
+        figs["attack_matrix"] = matrix.heatmap(m)
+        atomic_write_bytes(out / "attack_matrix.png", figs["attack_matrix"])
     atomic_write_text(out / "index.html", _html(title, md, rows, figs, notes))
     return out
 
@@ -107,6 +115,8 @@ _CAPTIONS = {
                       "cf. the paper's Fig. 3a: no benign/malicious clusters. After a forensic pass "
                       "(fedsafe.fl.forensic_pass) every client has trained once from the same global adapter and "
                       "every pair is shown; otherwise only pairs sampled in the same round are.",
+    "attack_matrix": "Refusal on harmful prompts for every defense x attack cell (mean over seeds); the last "
+                     "column is each defense's worst case over the attacks (matrix.md has false refusal too).",
     "client_weights": "Mean weight each robust rule gave each client over the rounds it was sampled "
                       "(malicious clients in red), cf. the paper's Fig. 3b.",
 }
