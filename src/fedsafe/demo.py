@@ -49,7 +49,7 @@ class Tier:
 
 TIERS = {
     "quick": Tier("demo-quick"),
-    "default": Tier("demo"),
+    "default": Tier("demo", rules=tuple(ROBUST[:2]), levels=(2,)),
     "full": Tier("demo", seeds=(0, 1, 2), rules=tuple(ROBUST_FULL), doses=(2, 3), forensic_pass=True),
 }
 
