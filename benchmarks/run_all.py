@@ -64,6 +64,7 @@ TITLES = {
     "prefix": "Frozen-prefix caching (LoRA on the top L layers)",
     "batched": "Batched clients (fl.batch_clients)",
     "aggregators": "Aggregation",
+    "clients": "Scale in clients: K = 10, 100, 1,000 with m = 10 per round",
     "gpu": "GPU check (CUDA)",
 }
 SCRIPTS = {"gpu": "gpu_check"}  # sections whose script is not bench_<name>.py
@@ -86,7 +87,8 @@ def main() -> None:
             "generation": m + (["--prompts", "16"] if a.quick else []),
             "prefix": m + (["--repeats", "2"] if a.quick else []),
             "batched": m + (["--clients", "3", "--repeats", "1", "--threads", "1"] if a.quick else []),
-            "aggregators": ["--quick"] if a.quick else [], "gpu": []}
+            "aggregators": ["--quick"] if a.quick else [],
+            "clients": ["--clients", "10,100", "--rounds", "6"] if a.quick else [], "gpu": []}
     if a.merge:
         return _merge(a.merge)
     import torch

@@ -357,7 +357,8 @@ def _allocate(
             f"reservation and decontamination; set upsample: true, lower samples_per_client, or change the mix"
         )
     if len(recs) < len(demand):
-        raise DataError(f"{spec}: {len(recs)} unique record(s) cannot give each of {len(demand)} clients a disjoint share")
+        raise DataError(f"{spec}: {len(recs)} unique record(s) cannot give each of {len(demand)} clients a disjoint share; "
+                        f"at least {len(demand)} are needed ({need} without upsampling): fewer clients or a larger source")
     # disjoint shares of the unique records, at least one each, then top up from the own share
     shares = [1 + k for k in apportion(len(recs) - len(demand), [n for _, n in demand])]
     shares = [min(s, n) for s, (_, n) in zip(shares, demand)]
