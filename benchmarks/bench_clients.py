@@ -100,26 +100,32 @@ def child(k: int, data: str, rounds: int, variant: str, run_dir: str) -> None:
                       "client_state_files": len(list((Path(run_dir) / "client_state").glob("*.safetensors")))}))
 
 
-def run(ks: list[int], rounds: int, variants: list[str]) -> dict:
+def run(ks: list[int], rounds: int, variants: list[str], parallel: int = 1) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
     load0 = os.getloadavg()[0]
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "pairs.jsonl"
         write_data(data, max(ks) * PER_CLIENT + 200)  # + room for the held-out evaluation and probe sets
-        for k in ks:
-            for v in variants:
-                t0 = time.perf_counter()
-                p = subprocess.run([sys.executable, __file__, "--child", str(k), "--data", str(data), "--rounds",
-                                    str(rounds), "--variant", v, "--run-dir", str(Path(tmp) / f"{v}-{k}")],
-                                   capture_output=True, text=True)
-                if p.returncode:
-                    raise SystemExit(f"K={k} {v} failed:\n{p.stderr[-3000:]}")
-                r = json.loads(p.stdout.strip().splitlines()[-1]) | {"wall_s": time.perf_counter() - t0}
-                print(f"K={k:5d} {v:9s} peak RSS {r['maxrss_mb']:.0f} MB, per round excl. training "
-                      f"{r['other_s_median'] * 1e3:.1f} ms wall / {r['other_cpu_s_median'] * 1e3:.1f} ms CPU "
-                      f"(training {r['client_s_median']:.2f} s), "
-                      f"checkpoint {r['checkpoint_bytes']} B", flush=True)
-                rows.append(r)
+
+        def one(kv):
+            k, v = kv
+            t0 = time.perf_counter()
+            p = subprocess.run([sys.executable, __file__, "--child", str(k), "--data", str(data), "--rounds",
+                                str(rounds), "--variant", v, "--run-dir", str(Path(tmp) / f"{v}-{k}")],
+                               capture_output=True, text=True)
+            if p.returncode:
+                raise SystemExit(f"K={k} {v} failed:\n{p.stderr[-3000:]}")
+            r = json.loads(p.stdout.strip().splitlines()[-1]) | {"wall_s": time.perf_counter() - t0}
+            print(f"K={k:5d} {v:9s} peak RSS {r['maxrss_mb']:.0f} MB, per round excl. training "
+                  f"{r['other_s_median'] * 1e3:.1f} ms wall / {r['other_cpu_s_median'] * 1e3:.1f} ms CPU "
+                  f"(training {r['client_s_median']:.2f} s), checkpoint {r['checkpoint_bytes']} B", flush=True)
+            return r
+
+        # children side by side (--parallel) share the CPUs: wall times then include waiting for them, process
+        # CPU seconds and peak RSS do not
+        with ThreadPoolExecutor(max_workers=max(1, parallel)) as ex:
+            rows = list(ex.map(one, [(k, v) for k in ks for v in variants]))
     lo = min(ks)
     ratios = {}
     for v in variants:
@@ -131,7 +137,7 @@ def run(ks: list[int], rounds: int, variants: list[str]) -> dict:
                 r["other_cpu_ratio"] = r["other_cpu_s_median"] / base["other_cpu_s_median"]
         top = next(r for r in rows if r["variant"] == v and r["k"] == max(ks))
         ratios[v] = {"rss": top["rss_ratio"], "other": top["other_ratio"], "other_cpu": top["other_cpu_ratio"]}
-    return {"clients": ks, "m": M, "rounds": rounds, "per_client": PER_CLIENT, "rows": rows, "ratios": ratios,
+    return {"clients": ks, "m": M, "rounds": rounds, "parallel": parallel, "per_client": PER_CLIENT, "rows": rows, "ratios": ratios,
             "target": TARGET, "load_average_1min": {"start": load0, "end": os.getloadavg()[0]},
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}}
 
@@ -152,7 +158,7 @@ def render(res: dict) -> list[str]:
               "kept), no evaluation; medians over the rounds after the first, one torch thread. CPU = process CPU seconds, the steadier figure while other processes load the machine. Per-client state "
               "(SCAFFOLD's c_i, kept AdamW states) is written to `client_state/` for the clients that trained and "
               f"read back when they are sampled again. 1-min load average {load['start']:.1f} -> {load['end']:.1f} "
-              f"on {res['machine']['cpus']} CPUs.", ""]
+              f"on {res['machine']['cpus']} CPUs; {res.get('parallel', 1)} children at a time.", ""]
     return lines
 
 
@@ -161,6 +167,8 @@ def main() -> None:
     ap.add_argument("--clients", default="10,100,1000")
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--parallel", type=int, default=1, help="children at a time (CPU seconds and RSS stay "
+                    "comparable; wall times then include waiting for each other)")
     ap.add_argument("--json")
     ap.add_argument("--child", type=int)
     ap.add_argument("--data")
@@ -170,7 +178,7 @@ def main() -> None:
     if a.child:
         child(a.child, a.data, a.rounds, a.variant, a.run_dir)
         return
-    res = run([int(x) for x in a.clients.split(",")], a.rounds, a.variants.split(","))
+    res = run([int(x) for x in a.clients.split(",")], a.rounds, a.variants.split(","), a.parallel)
     print("\n".join(render(res)))
     if a.json:
         with open(a.json, "w") as f:
