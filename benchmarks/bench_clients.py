@@ -158,7 +158,9 @@ def render(res: dict) -> list[str]:
               "kept), no evaluation; medians over the rounds after the first, one torch thread. CPU = process CPU seconds, the steadier figure while other processes load the machine. Per-client state "
               "(SCAFFOLD's c_i, kept AdamW states) is written to `client_state/` for the clients that trained and "
               f"read back when they are sampled again. 1-min load average {load['start']:.1f} -> {load['end']:.1f} "
-              f"on {res['machine']['cpus']} CPUs; {res.get('parallel', 1)} children at a time.", ""]
+              f"on {res['machine']['cpus']} CPUs; {res.get('parallel', 1)} children at a time"
+              + (" (so the wall column measures waiting for the other processes, not the engine: judge by CPU)"
+                 if res.get("parallel", 1) > 1 else "") + ".", ""]
     return lines
 
 
