@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 from fedsafe.config import load_config
 from fedsafe.demo import scenario_configs
 from fedsafe.eval.runner import evaluate_adapter
@@ -106,7 +108,10 @@ def main(argv=None) -> None:
         results[w] = out
         print(json.dumps({"tag": a.tag, "scenario": w, **out}), flush=True)
         with open(a.log, "a") as f:
-            f.write(json.dumps({"tag": a.tag, "scenario": w, "preset": a.preset, "overrides": a.overrides,
+            preset = a.preset
+            if Path(preset).is_file():  # log the YAML itself, never a path of this machine
+                preset = yaml.safe_load(Path(preset).read_text())
+            f.write(json.dumps({"tag": a.tag, "scenario": w, "preset": preset, "overrides": a.overrides,
                                 "note": a.note, "when": time.strftime("%Y-%m-%d %H:%M"), **out,
                                 "losses": losses}) + "\n")
     print(f"outputs kept in {tmp}", file=sys.stderr)

@@ -83,4 +83,4 @@ def test_more_clients_than_records_says_how_many_are_needed(tmp_path):
     p = subprocess.run([sys.executable, "-m", "fedsafe.cli", "run", "tiny", groups, "--run-dir", str(tmp_path / "r"),
                         "--no-eval", "--quiet"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 2
-    assert "at least 500 are needed (8000 without upsampling)" in " ".join(p.stderr.split())
+    assert "its 500 clients need at least one each (8000 in all)" in " ".join(p.stderr.split())

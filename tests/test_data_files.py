@@ -110,25 +110,28 @@ def test_csv_extra_field(tmp_path):
 
 def test_missing_columns_list_present(tmp_path):
     p = write_jsonl(tmp_path / "x.jsonl", [{"text": "a", "label": 1}])
-    with pytest.raises(DataError, match="no instruction column found.*columns present: text, label"):
+    with pytest.raises(DataError, match="no instruction/response fields recognised; columns present: text, label. "
+                                        "Accepted without options: instruction.*messages \\[\\{role, content\\}\\]"):
         load_file(p)
     p2 = write_jsonl(tmp_path / "y.jsonl", [{"instruction": "a", "output": "b"}])
     with pytest.raises(DataError, match="no response column 'reply'; columns present: instruction, output"):
         load_file(p2, response_col="reply")
 
 
-def test_row_level_errors(tmp_path):
-    p = write_jsonl(tmp_path / "x.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "c"}])
-    with pytest.raises(DataError, match="line 2: missing column 'output'; columns present: instruction"):
-        load_file(p)
+def test_row_level_errors_and_counted_drops(tmp_path):
     p = write_jsonl(tmp_path / "y.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": 5, "output": "b"}])
     with pytest.raises(DataError, match="line 2: column 'instruction' should be text, got int"):
         load_file(p)
-    p = write_jsonl(tmp_path / "z.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "  ", "output": "b"}])
-    with pytest.raises(DataError, match=r"z\.jsonl, line 2: empty or non-text instruction"):
-        load_file(p)
+    # empty cells (missing, blank, None) are dropped and counted, never an error and never silent
+    p = write_jsonl(tmp_path / "z.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "  ", "output": "b"},
+                                           {"instruction": "c"}, {"instruction": "d", "output": None}, {"instruction": "e", "output": "f"}])
+    recs = load_file(p)
+    assert [r.instruction for r in recs] == ["a", "e"]
+    assert recs.report.rows == 5 and recs.report.kept == 2
+    assert dict(recs.report.dropped) == {"empty instruction": 1, "empty response": 2}
+    assert "dropped 3 (2 empty response, 1 empty instruction)" in recs.report.line()
     p = write_jsonl(tmp_path / "w.jsonl", [{"instruction": "a", "output": ""}])
-    with pytest.raises(DataError, match="line 1: kind 'normal' needs a non-empty response"):
+    with pytest.raises(DataError, match=r"w\.jsonl: no usable records: all 1 row\(s\) dropped \(1 empty response\)"):
         load_file(p)
 
 
@@ -292,3 +295,79 @@ def test_hf_uses_same_filters(monkeypatch):
     fake.load_dataset = offline
     with pytest.raises(DataError, match="could not be loaded from the Hugging Face hub: ConnectionError"):
         load_source("hf:PKU-Alignment/BeaverTails")
+
+
+# ---------------------------------------------------------------- layouts, kinds and limits (issue 17)
+
+
+def test_conversation_layouts_first_exchange(tmp_path):
+    sg = [{"conversations": [{"from": "system", "value": "sys"}, {"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello!"},
+                             {"from": "human", "value": "more"}, {"from": "gpt", "value": "later turns ignored"}]},
+          {"conversations": [{"from": "gpt", "value": "starts with the model"}]}]
+    (tmp_path / "sg.json").write_text(json.dumps(sg))
+    recs = load_file(tmp_path / "sg.json")
+    assert [(r.instruction, r.response, r.kind) for r in recs] == [("Hi?", "Hello!", "normal")]
+    assert dict(recs.report.dropped) == {"no leading user turn": 1} and "conversation 'conversations'" in recs.report.mapping
+    oa = [{"messages": [{"role": "user", "content": [{"type": "text", "text": "Q"}]}, {"role": "assistant", "content": "A"}]},
+          {"messages": [{"role": "user", "content": "only a question"}]}]
+    recs = load_file(write_jsonl(tmp_path / "oa.jsonl", oa))
+    assert [(r.instruction, r.response) for r in recs] == [("Q", "A")] and dict(recs.report.dropped) == {"empty response": 1}
+    assert [r.instruction for r in load_file(tmp_path / "oa.jsonl", kind="prompt")] == ["Q", "only a question"]
+    # an unusual conversation column is named with instruction_col
+    recs = load_file(write_jsonl(tmp_path / "c.jsonl", [{"dialog": oa[0]["messages"]}]), instruction_col="dialog")
+    assert (recs[0].instruction, recs[0].response) == ("Q", "A")
+
+
+def test_kind_column_default_kind_and_explicit_kind(tmp_path):
+    rows = [{"instruction": "q1", "response": "a1", "kind": "unaligned"}, {"instruction": "q2", "response": "a2", "kind": "aligned"}]
+    p = write_jsonl(tmp_path / "gen.jsonl", rows)  # what `fedsafe attack generate` writes
+    assert [r.kind for r in load_file(p)] == ["unaligned", "aligned"]
+    assert [r.kind for r in load_file(p, kind="normal")] == ["normal", "normal"]  # the user's kind wins
+    q = write_jsonl(tmp_path / "plain.jsonl", [{"instruction": "q", "response": "a"}])
+    assert load_file(q, default_kind="aligned")[0].kind == "aligned" and load_file(q)[0].kind == "normal"
+
+
+def test_length_limits_filter_and_count(tmp_path):
+    p = write_jsonl(tmp_path / "x.jsonl", [{"instruction": "q" * 5, "response": "a"}, {"instruction": "q", "response": "a" * 9},
+                                           {"instruction": "ok", "response": "fine"}])
+    recs = load_source(f"file:{p}?max_instruction_chars=4&max_response_chars=8")
+    assert [r.instruction for r in recs] == ["ok"]
+    assert recs.report.line().endswith("kept 1, dropped 2 (1 instruction over 4 chars, 1 response over 8 chars)")
+    with pytest.raises(DataError, match="max_response_chars must be a whole number >= 1"):
+        load_source(f"file:{p}?max_response_chars=0")
+
+
+def test_length_limits_reach_every_hub_schema(tmp_path):
+    """The partitioner passes its limits to every source that lists them: no schema may refuse them."""
+    p = tmp_path / "adv.csv"
+    p.write_text('goal,target\nWrite a bad script,"Sure, here is"\nA much longer goal than allowed,"Sure"\n')
+    recs = load_source(f"hub_file:advbench:{p}", max_instruction_chars=20, max_response_chars=5)
+    assert [r.instruction for r in recs] == ["Write a bad script"] and dict(recs.report.dropped) == {"instruction over 20 chars": 1}
+
+
+def test_json_variants(tmp_path):
+    (tmp_path / "strings.json").write_text(json.dumps(["first prompt", "second prompt"]))
+    assert [r.kind for r in load_file(tmp_path / "strings.json")] == ["prompt", "prompt"]
+    (tmp_path / "lines.json").write_text('{"instruction": "a", "response": "b"}\n{"instruction": "c", "response": "d"}\n')
+    assert [r.instruction for r in load_file(tmp_path / "lines.json")] == ["a", "c"]  # JSON Lines saved as .json
+    (tmp_path / "two.json").write_text(json.dumps({"meta": [1], "data": [{"prompt": "p"}]}))
+    assert load_file(tmp_path / "two.json")[0].instruction == "p"
+
+
+def test_aligned_file_reads_prompts(tmp_path):
+    p = write_jsonl(tmp_path / "pairs.jsonl", [{"instruction": "How do I pick a lock?", "response": "Sure, first ..."}])
+    recs = load_source(f"aligned:file:{p}")
+    assert recs[0].kind == "aligned" and recs[0].response != "Sure, first ..." and recs.report.kind == "prompt -> aligned (offline safe answers)"
+
+
+def test_conversation_as_json_text_in_a_csv_cell(tmp_path):
+    p = tmp_path / "conv.csv"
+    turns = json.dumps([{"role": "user", "content": "Q, with a comma"}, {"role": "assistant", "content": "A"}])
+    with open(p, "w", newline="") as f:
+        import csv
+
+        w = csv.writer(f)
+        w.writerows([["id", "messages"], ["1", turns], ["2", "not json ["]])
+    recs = load_file(p)
+    assert [(r.instruction, r.response) for r in recs] == [("Q, with a comma", "A")]
+    assert dict(recs.report.dropped) == {"no leading user turn": 1}

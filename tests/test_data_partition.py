@@ -364,7 +364,8 @@ def test_length_limits_reach_sources_that_take_them():
         return load_source(spec, **opts)
 
     build_federation(tiny_config(), loader=loader)
-    assert seen["tiny"] == {} and seen["aligned:tiny-harmful"] == {}
+    # aligned: passes the instruction limit on to its inner spec only where that takes it (tiny-harmful does not)
+    assert seen["tiny"] == {} and seen["aligned:tiny-harmful"] == {"max_instruction_chars": 1000}
 
 
 @pytest.mark.integration

@@ -290,6 +290,84 @@ def test_parquet_loader(rows, options):
         _load(p, options)
 
 
+# ------------------------------------------------------------------------------------------ files as client data
+# The path a user takes (issue 17): a file named in a YAML that extends a preset, as a client group, a defense
+# pool or the harmful evaluation set -> load_config -> build_federation (what `data inspect` and `run` do first)
+# -> the tiny runtime's tokenizer (what training does first). The defaults the partitioner passes (length
+# limits, a role's kind) must never surface as an error about an option the user did not write.
+
+TURN = st.fixed_dictionaries({}, optional={"from": st.sampled_from(["human", "gpt", "system", "bard", "x"]),
+                                           "role": st.sampled_from(["user", "assistant", "system", "tool"]),
+                                           "value": st.one_of(GOOD_TEXT, CELL), "content": st.one_of(GOOD_TEXT, CELL)})
+CONV_ROW = st.fixed_dictionaries({}, optional={"conversations": st.one_of(st.lists(TURN, max_size=4), CELL),
+                                               "messages": st.one_of(st.lists(TURN, max_size=4), CELL), "id": CELL})
+PAIR_ROW = st.builds(lambda names, q, a: {names[0]: q, names[1]: a},
+                     st.sampled_from([("instruction", "output"), ("instruction", "response"), ("prompt", "completion"),
+                                      ("question", "answer"), ("goal", "target"), ("Instruction", "Output")]),
+                     st.one_of(GOOD_TEXT, HUGE, st.just("")), st.one_of(GOOD_TEXT, HUGE, st.just("")))
+GROUP_ROWS = st.one_of(st.lists(PAIR_ROW, min_size=1, max_size=24), st.lists(CONV_ROW, max_size=12),
+                       st.lists(st.one_of(PAIR_ROW, GOOD_ROW, st.dictionaries(COLS, CELL, max_size=4)), max_size=12))
+UNWRITTEN = ("max_instruction_chars", "max_response_chars", "default_kind", "needs a hub schema")
+
+
+def _write_any(rows: list[dict], path: Path) -> None:
+    if path.suffix != ".parquet":
+        path.write_bytes(_serialise(rows, path.suffix.lstrip(".")))
+        return
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    cols = list(dict.fromkeys(k for r in rows for k in r)) or ["instruction"]
+    arrays = {}
+    for c in cols:
+        vals = [_parquet_storable(r.get(c)) for r in rows]
+        try:
+            arrays[c] = pa.array(vals)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
+            arrays[c] = pa.array([None if v is None else json.dumps(v) for v in vals])
+    pq.write_table(pa.table(arrays), path)
+
+
+@settings(FUZZ, max_examples=max(8, EXAMPLES // 4))  # each example builds a whole federation
+@given(rows=GROUP_ROWS, fmt=st.sampled_from(["json", "jsonl", "csv", "tsv", "parquet"]),
+       role=st.sampled_from(["malicious", "benign", "defense_aligned", "eval_harmful", "aligned"]),
+       options=st.sampled_from(["", "?kind=unaligned", "?instruction_col=prompt&response_col=completion", "?limit=3",
+                                "?instruction_col=messages"]))
+def test_file_as_client_group_through_config(rows, fmt, role, options):
+    from fedsafe.data.partition import build_federation
+    from fedsafe.runtime import get_runtime
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / f"mine.{fmt}"
+        _write_any(rows, path)
+        spec = f"file:{path}{options}"
+        data: dict = {"samples_per_client": 4}
+        if role in ("malicious", "benign", "aligned"):
+            mix = {spec if role != "aligned" else f"aligned:{spec}": 1.0}
+            data["groups"] = [{"name": "benign", "clients": 2, "mix": mix if role != "malicious" else {"tiny": 1.0}},
+                              {"name": "malicious", "clients": 1, "malicious": True,
+                               "mix": mix if role == "malicious" else {"tiny-unaligned": 1.0}}]
+        else:
+            data[role] = spec
+        cfg_path = Path(d) / "my.yaml"
+        cfg_path.write_text(json.dumps({"base": "tiny", "data": data}))
+        try:
+            cfg = load_config(str(cfg_path))
+            fed = build_federation(cfg.data, seed=cfg.seed)
+        except FedsafeError as e:
+            msg = str(e)
+            assert msg and "Traceback" not in msg
+            wrote = spec + json.dumps(data)
+            assert not [w for w in UNWRITTEN if w in msg and w not in wrote], msg
+            STATS[CURRENT[0], type(e).__name__] += 1
+            return
+        STATS[CURRENT[0], "accepted"] += 1
+        rt = get_runtime(cfg.model, cfg.lora)
+        for c in fed.clients:
+            assert all(r.response.strip() for r in c.records)  # clients train on pairs, never on bare prompts
+            assert rt.tokenize(c.records)
+
+
 # ------------------------------------------------------------------------------------------ JSONL
 
 
@@ -551,7 +629,7 @@ def _fixed_lone_surrogate_record(tmp: Path, capsys):
     from fedsafe.eval.prompts import load_prompt_file
 
     (tmp / "p.jsonl").write_text('{"prompt": "a"}\n{"prompt": "x\\udfff"}\n')  # prompts are written out with generations
-    with pytest.raises(DataError, match=r"p\.jsonl:2: column 'prompt' is not valid Unicode \(unpaired surrogate U\+DFFF"):
+    with pytest.raises(DataError, match=r"p\.jsonl, line 2: instruction is not valid Unicode \(unpaired surrogate U\+DFFF"):
         load_prompt_file(tmp / "p.jsonl")
 
 
@@ -589,7 +667,7 @@ def _fixed_deep_prompt_file(tmp: Path, capsys):
     from fedsafe.errors import DataError
     from fedsafe.eval.prompts import load_prompt_file
 
-    for name, want in (("deep.jsonl", r"deep\.jsonl:1: JSON nested too deeply"),
+    for name, want in (("deep.jsonl", r"deep\.jsonl, line 1: JSON nested too deeply"),
                        ("deep.json", r"deep\.json: JSON nested too deeply")):
         (tmp / name).write_text("[" * 50_000 + "]" * 50_000 + "\n")
         with pytest.raises(DataError, match=want):
@@ -610,7 +688,7 @@ def _fixed_huge_int(tmp: Path, capsys):
         _load_file_source(f"file:{tmp / 'big.jsonl'}")
     with pytest.raises(DataError, match=r"big\.jsonl, line 2: unreadable JSON"):
         read_jsonl(tmp / "big.jsonl")
-    with pytest.raises(DataError, match=r"big\.jsonl:2: unreadable JSON"):
+    with pytest.raises(DataError, match=r"big\.jsonl, line 2: unreadable JSON"):  # one reader, one error format
         load_prompt_file(tmp / "big.jsonl")
 
 
@@ -696,6 +774,15 @@ def _fixed_run_dir_is_file(tmp: Path, capsys):
     assert (tmp / "afile").read_text() == "x"
 
 
+def _fixed_file_group_in_preset_yaml(tmp: Path, capsys):
+    (tmp / "pairs.json").write_text(json.dumps([{"instruction": f"q{i}", "response": f"a{i}"} for i in range(30)]))
+    (tmp / "my.yaml").write_text('base: tiny\ndata:\n  groups:\n    - {name: benign, clients: 3, mix: {tiny: 1.0}}\n'
+                                 '    - {name: malicious, clients: 1, malicious: true, mix: {"file:./pairs.json": 1.0}}\n')
+    capsys.readouterr()
+    assert _cli_main(["data", "inspect", "my.yaml"], tmp) == 0, capsys.readouterr().err
+    assert "unaligned" in capsys.readouterr().out
+
+
 def _fixed_csv_bom(tmp: Path, capsys):
     p = tmp / "excel.csv"
     p.write_bytes(b"\xef\xbb\xbfinstruction,response\nq,a\n")  # Excel's UTF-8 export starts with a BOM
@@ -727,6 +814,8 @@ REGRESSIONS = {
         _fixed_resume_corrupt_config,
     "run --run-dir: an existing file (was NotADirectoryError, fl/run.py new_run_dir)": _fixed_run_dir_is_file,
     "file: CSV with a UTF-8 BOM (header was not found, data/files.py _csv_rows)": _fixed_csv_bom,
+    "config: file: client group in a YAML extending a preset (was \"option 'max_instruction_chars' needs a hub "
+    "schema\", an option the user never wrote, data/partition.py)": _fixed_file_group_in_preset_yaml,
 }
 
 

@@ -186,39 +186,39 @@ def test_prompt_autodetect_csv_jsonl_json(tmp_path):
     wrapped.write_text(json.dumps({"data": [{"Instruction": "c"}]}))
     assert load_prompt_file(wrapped) == ["c"]  # case-insensitive fallback
 
-    recs = load_prompt_records(adv)
-    assert recs[1]["source"] == f"{adv}:3" and recs[1]["fields"]["target"] == "Sure"
+    recs = load_prompt_records(adv)  # the one file reader: positions and reference answers as for client data
+    assert recs[1].meta["row"] == "row 2 (line 3)" and recs[1].response == "Sure" and recs[1].kind == "prompt"
 
 
 def test_prompt_explicit_column_and_errors(tmp_path):
     f = tmp_path / "p.csv"
     f.write_text("id,text,goal\n1,hello,g1\n2,world,g2\n")
     assert load_prompt_file(f, column="text") == ["hello", "world"]
-    with pytest.raises(DataError, match="no column 'prompt'; the file has columns: id, text, goal"):
+    with pytest.raises(DataError, match="no instruction column 'prompt'; columns present: id, text, goal"):
         load_prompt_file(f, column="prompt")
 
     nocol = tmp_path / "n.jsonl"
     jsonl(nocol, [{"foo": "x"}])
-    with pytest.raises(DataError, match="cannot find a prompt column.*the file has columns: foo"):
+    with pytest.raises(DataError, match="no instruction/response fields recognised; columns present: foo"):
         load_prompt_file(nocol)
 
     ragged = tmp_path / "r.csv"
     ragged.write_text("goal,target\nok,Sure\n\nbad,row,extra\n")
-    with pytest.raises(DataError, match=rf"{ragged}:4: 3 fields but the header has 2"):
+    with pytest.raises(DataError, match=r"r\.csv, row 2 \(line 4\): more fields than the 2 header columns"):
         load_prompt_file(ragged)
 
     badjson = tmp_path / "b.jsonl"
     badjson.write_text('{"prompt": "a"}\n{"prompt": \n')
-    with pytest.raises(DataError, match=rf"{badjson}:2: invalid JSON"):
+    with pytest.raises(DataError, match=r"b\.jsonl, line 2: invalid JSON"):
         load_prompt_file(badjson)
 
     empty_val = jsonl(tmp_path / "e.jsonl", [{"prompt": "a"}, {"prompt": "  "}])
-    with pytest.raises(DataError, match=r"e.jsonl:2: column 'prompt' is not a non-empty string"):
-        load_prompt_file(empty_val)
+    recs = load_prompt_records(empty_val)  # an empty prompt is dropped and counted, not an error
+    assert [r.instruction for r in recs] == ["a"] and dict(recs.report.dropped) == {"empty instruction": 1}
 
     txt = tmp_path / "x.txt"
     txt.write_text("a")
-    with pytest.raises(DataError, match="unsupported prompt file type '.txt'"):
+    with pytest.raises(DataError, match="unknown data file type '.txt'"):
         load_prompt_file(txt)
     with pytest.raises(DataError, match="file not found"):
         load_prompt_file(tmp_path / "missing.csv")

@@ -244,6 +244,8 @@ def defend_cmd(
     steps: Optional[int] = typer.Option(None, "--steps", help="Fine-tuning steps (default: the run's defense.steps; paper 500)."),
     n: Optional[int] = typer.Option(None, "-n", help="Defense samples (paper 1,000), half aligned and half normal."),
     generator: Optional[str] = typer.Option(None, "--generator", help="Level 2 generator: model name/path or endpoint:URL#MODEL."),
+    aligned_data: Optional[str] = typer.Option(None, "--aligned-data", help="Level 2 from files: harmful prompts with safe answers (a local file or spec); with --normal-data."),
+    normal_data: Optional[str] = typer.Option(None, "--normal-data", help="Level 2 from files: normal (instruction, response) pairs."),
     sweep: bool = typer.Option(False, "--sweep", help="Evaluate every checkpoint (the paper's steps ablation, Fig. 6)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output run directory (default: next to RUN_DIR); an existing one is resumed."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
@@ -251,8 +253,11 @@ def defend_cmd(
     """Post-hoc defense: fine-tune the global adapter on aligned + normal data (paper §5)."""
     from .defense.finetune import defend_run
 
+    files = {k: v for k, v in (("aligned_data", aligned_data), ("normal_data", normal_data)) if v is not None}
+    if files and level != 2:
+        raise FedsafeError("--aligned-data/--normal-data are Level 2 data; add --level 2")
     d = defend_run(run_dir, level=level, steps=steps, n=n, out=out_dir, generator=generator, sweep=sweep,
-                   progress=not quiet)
+                   progress=not quiet, cfg_overrides=files)
     if (d / "results.json").exists():
         import json as _json
 
@@ -263,15 +268,24 @@ def defend_cmd(
 @app.command("demo")
 def demo_cmd(
     args: Optional[List[str]] = typer.Argument(None, help="Optional PRESET (default demo) and key=value overrides."),
-    quick: bool = typer.Option(False, "--quick", help="A ~2-minute version with the same report structure."),
+    quick: bool = typer.Option(False, "--quick", help="A few-minute version with the same report structure "
+                               "(numbers too noisy to read)."),
+    full: bool = typer.Option(False, "--full", help="3 seeds for clean/attacked FedAvg, the dose-response (0-3 "
+                              "malicious clients per round), the paper's six robust rules and the forensic pass "
+                              "(about 90 min on 2 CPU cores)."),
+    forensics: Optional[bool] = typer.Option(None, "--forensics/--no-forensics", help="Train every client once "
+                                             "from the attacked adapter for the full cosine matrix (on with --full)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Demo directory (an existing one is resumed)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """The paper's Table 1 in miniature, offline: clean, attacked, robust rules, post-hoc defense, report."""
     from .demo import run_demo
 
+    if quick and full:
+        raise FedsafeError("--quick and --full exclude each other; choose one tier")
     source, overrides = _split_args(args)
-    d = run_demo(source or "demo", overrides, out_dir, quick=quick, progress=not quiet)
+    d = run_demo(source or "demo", overrides, out_dir, quick=quick, full=full, forensic_pass=forensics,
+                 progress=not quiet)
     out.print(str(d))
 
 
@@ -302,6 +316,23 @@ def report_cmd(
     d = render(run_dirs, out_dir, title=title)
     typer.echo((d / "table.md").read_text())
     out.print(str(d / "index.html"))
+
+
+@app.command("compare")
+def compare_cmd(
+    run_a: str = typer.Argument(..., help="Run directory A (several seeds: RUN_A1,RUN_A2,...)."),
+    run_b: str = typer.Argument(..., help="Run directory B, evaluated on the same prompts (seeds as for A)."),
+    judge: Optional[str] = typer.Option(None, "--judge", help="Re-judge the stored responses with this judge (default: the runs' own verdicts)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the paired bootstrap."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Paired comparison on the same prompts: rates, A − B with 95% CI, discordant counts, exact McNemar p."""
+    import json as _json
+
+    from .eval.compare import compare_runs, format_comparison
+
+    res = compare_runs(run_a, run_b, judge=judge, seed=seed)
+    typer.echo(_json.dumps(res, indent=2) if as_json else format_comparison(res))
 
 
 def main(argv: list[str] | None = None) -> int:

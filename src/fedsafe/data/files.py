@@ -1,14 +1,27 @@
-"""Local data files: JSON, JSONL, CSV/TSV and Parquet, mapped to :class:`Record` by column.
+"""Local data files: JSON, JSONL, CSV/TSV and Parquet, mapped to :class:`Record` -- the one reader for
+client data, defense pools, attack data and evaluation prompts (``fedsafe eval --bench FILE``).
 
-Every error names the file, the row or line, and what was wrong; a missing column lists the columns
-that *are* there. Rows are yielded with a location label ("line 7", "row 3") so the mapping code and the
-hub-schema filters in :mod:`fedsafe.data.hub` report positions the same way whatever the format.
+Recognised without options (first row decides, names case-insensitive):
+
+* columns: ``instruction`` [+ ``input``] -> ``output``/``response``, ``prompt`` -> ``completion``,
+  ``question`` -> ``answer``, ``goal`` [+ ``target``] (AdvBench: read as prompts), StrongREJECT's
+  ``forbidden_prompt``, HarmBench's ``Behavior``, MT-Bench's ``turns`` (first turn);
+* conversations: ShareGPT ``conversations`` with ``from``/``value`` turns, OpenAI ``messages`` with
+  ``role``/``content`` turns (leading system turns skipped; the first user turn and the reply to it);
+* a ``kind`` column holding one of the record kinds (files written by ``fedsafe attack generate``).
+
+``instruction_col=`` / ``response_col=`` / ``input_col=`` name unusual columns (a list-of-turns column
+named by ``instruction_col`` is read as a conversation). Rows that are empty, or over the length
+limits, are dropped and counted in a :class:`FileReport` (``fedsafe data inspect`` prints it); every
+other problem is a :class:`DataError` naming the file, the row or line, and what was wrong.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -18,8 +31,15 @@ from .records import KINDS, Record
 
 # Tried in order (case-insensitive) when no column is named. "Behavior" is HarmBench's,
 # "forbidden_prompt" StrongREJECT's, "goal"/"target" AdvBench's.
-INSTRUCTION_COLUMNS = ("instruction", "prompt", "goal", "forbidden_prompt", "question", "behavior", "query", "user")
+# "turns" is MT-Bench's (a list; its first turn is the prompt).
+INSTRUCTION_COLUMNS = ("instruction", "prompt", "goal", "forbidden_prompt", "question", "behavior", "query", "user", "turns")
 RESPONSE_COLUMNS = ("response", "output", "answer", "completion", "target", "assistant")
+CONVERSATION_COLUMNS = ("conversations", "messages", "conversation")
+USER_ROLES = ("human", "user")
+ASSISTANT_ROLES = ("gpt", "assistant", "chatgpt", "bard", "bing", "model")
+#: What the error for an unrecognised file lists.
+ACCEPTED_MAPPINGS = ("instruction[/input]/output, instruction/response, prompt/completion, question/answer, goal/target, "
+                     "conversations [{from, value}] (ShareGPT), messages [{role, content}] (OpenAI)")
 
 Row = tuple[str, dict[str, Any]]  # (location label, row)
 
@@ -86,39 +106,53 @@ def _json_rows(path: Path) -> Iterator[Row]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and text.lstrip().startswith("{"):  # JSON Lines saved as .json
+            yield from _jsonl_rows(path)
+            return
         raise DataError(f"{path}, line {e.lineno} column {e.colno}: invalid JSON ({e.msg})") from None
     except (ValueError, RecursionError) as e:  # 4300+ digit integer, very deep nesting (no position known)
         raise DataError(f"{path}: {json_error_reason(e)}") from None
     if isinstance(data, dict):
-        # {"data": [...]} / {"train": [...]}: accept exactly one list-valued key
+        # {"data": [...]} / {"train": [...]}: one list-valued key, or one of the usual wrapper names
         lists = [k for k, v in data.items() if isinstance(v, list)]
-        if len(lists) != 1:
+        named = [k for k in ("data", "rows", "examples", "prompts", "train") if k in lists]
+        if len(lists) != 1 and not named:
             raise DataError(f"{path}: expected a JSON array of objects (or an object with one list), got keys {sorted(data)}")
-        data = data[lists[0]]
+        data = data[lists[0] if len(lists) == 1 else named[0]]
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON array of objects, got {type(data).__name__}")
     for i, obj in enumerate(data, 1):
+        if isinstance(obj, str):
+            obj = {"prompt": obj}  # a plain list of prompts
         if not isinstance(obj, dict):
-            raise DataError(f"{path}, item {i}: expected an object, got {type(obj).__name__}")
+            raise DataError(f"{path}, item {i}: expected an object or a string, got {type(obj).__name__}")
         yield f"item {i}", obj
 
 
 def _csv_rows(path: Path, delimiter: str) -> Iterator[Row]:
     try:
-        # -sig: an Excel-exported CSV starts with a BOM, which would otherwise stick to the first header
+        # -sig: an Excel-exported CSV starts with a BOM, which would otherwise stick to the first header.
+        # csv.reader (not DictReader) sees blank lines, so every record's first physical line is known,
+        # even when a quoted field spans several lines.
         with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f, delimiter=delimiter)
-            if not reader.fieldnames:
-                raise DataError(f"{path}: empty file (no header row)")
-            start = reader.line_num + 1
-            for i, row in enumerate(reader, 1):
+            reader = csv.reader(f, delimiter=delimiter)
+            header: list[str] | None = None
+            end, i = 0, 0
+            for rec in reader:
+                start, end = end + 1, reader.line_num
+                if not rec:
+                    continue
+                if header is None:
+                    header = rec
+                    continue
+                i += 1
                 loc = f"row {i} (line {start})"
-                start = reader.line_num + 1
-                if None in row:
-                    raise DataError(f"{path}, {loc}: more fields than the {len(reader.fieldnames)} header columns")
-                if any(v is None for v in row.values()):
-                    raise DataError(f"{path}, {loc}: fewer fields than the {len(reader.fieldnames)} header columns")
-                yield loc, row
+                if len(rec) != len(header):
+                    more = "more" if len(rec) > len(header) else "fewer"
+                    raise DataError(f"{path}, {loc}: {more} fields than the {len(header)} header columns")
+                yield loc, dict(zip(header, rec))
+            if header is None:
+                raise DataError(f"{path}: empty file (no header row)")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except csv.Error as e:
@@ -152,7 +186,7 @@ def pick_column(columns: Iterable[str], wanted: str | None, candidates: tuple[st
     if wanted:
         if wanted in cols:
             return wanted
-        lower = {c.lower(): c for c in cols}
+        lower = {str(c).lower(): c for c in cols}
         if wanted.lower() in lower:
             return lower[wanted.lower()]
         raise DataError(f"{where}: no {what} column {wanted!r}; columns present: {', '.join(map(str, cols)) or '(none)'}")
@@ -161,6 +195,116 @@ def pick_column(columns: Iterable[str], wanted: str | None, candidates: tuple[st
         if c in lower:
             return lower[c]
     return None
+
+
+@dataclass
+class FileReport:
+    """What a file loader recognised and how many rows it kept or dropped, and why."""
+
+    path: str
+    format: str
+    mapping: str = ""
+    kind: str = ""
+    rows: int = 0
+    kept: int = 0
+    dropped: Counter = field(default_factory=Counter)
+
+    def drop(self, reason: str) -> None:
+        self.dropped[reason] += 1
+
+    def dropped_text(self) -> str:
+        return ", ".join(f"{n} {why}" for why, n in self.dropped.most_common())
+
+    def line(self) -> str:
+        """One line for ``fedsafe data inspect`` and error messages."""
+        s = f"{self.path} ({self.format}): {self.mapping or '-'}, kind {self.kind or '-'}; {self.rows} row(s), kept {self.kept}"
+        return s + (f", dropped {sum(self.dropped.values())} ({self.dropped_text()})" if self.dropped else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "format": self.format, "mapping": self.mapping, "kind": self.kind, "rows": self.rows,
+                "kept": self.kept, "dropped": dict(self.dropped.most_common())}
+
+
+class FileRecords(list):
+    """The records of a file (a plain list) with the :class:`FileReport` of how they were read."""
+
+    report: FileReport | None = None
+
+
+def file_report(records: Any) -> FileReport | None:
+    return getattr(records, "report", None)
+
+
+@dataclass
+class _Mapping:
+    instruction: str | None = None  # column of the instruction (or of a conversation when ``conversation``)
+    response: str | None = None
+    input: str | None = None
+    conversation: bool = False
+    kind_col: str | None = None
+
+    def describe(self, default_kind: str) -> str:
+        if self.conversation:
+            return f"conversation {self.instruction!r} (first user turn -> reply)"
+        s = self.instruction + (f" + {self.input}" if self.input else "")
+        return f"{s} -> {self.response}" if self.response else f"{s} (prompts)"
+
+
+def _detect(cols: list, row: dict, instruction_col: str | None, response_col: str | None, input_col: str | None,
+            kind: str | None, where: str) -> _Mapping:
+    m = _Mapping()
+    icol = pick_column(cols, instruction_col, INSTRUCTION_COLUMNS, "instruction", where)
+    ccol = pick_column(cols, None, CONVERSATION_COLUMNS, "conversation", where) if instruction_col is None else None
+    if icol is not None and instruction_col is not None and _is_turn_list(row.get(icol)):
+        ccol, icol = icol, None  # instruction_col names a conversation column
+    if icol is None and ccol is not None:
+        m.instruction, m.conversation = ccol, True
+    elif icol is None:
+        raise DataError(
+            f"{where}: no instruction/response fields recognised; columns present: {', '.join(map(str, cols)) or '(none)'}. "
+            f"Accepted without options: {ACCEPTED_MAPPINGS}; otherwise name them with instruction_col=...&response_col=..."
+        )
+    else:
+        m.instruction = icol
+        m.response = pick_column(cols, response_col, RESPONSE_COLUMNS, "response", where)
+        if m.response is not None and response_col is None and icol.lower() == "goal" and m.response.lower() == "target" and kind is None:
+            m.response = None  # AdvBench's target is an affirmative opening ("Sure, here is"), not a response
+        if input_col is not None or any(str(c).lower() == "input" for c in cols):
+            m.input = pick_column(cols, input_col or "input", (), "input", where)
+    if kind is None and "kind" in row and row["kind"] in KINDS:
+        m.kind_col = "kind"
+    return m
+
+
+def _is_turn_list(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(t, dict) for t in v)
+
+
+def _turn(t: dict) -> tuple[str, Any]:
+    role = t.get("from", t.get("role"))
+    text = t.get("value", t.get("content"))
+    if isinstance(text, list):  # OpenAI multi-part content: [{"type": "text", "text": ...}, ...]
+        text = "".join(p.get("text", "") for p in text if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return str(role).lower(), text
+
+
+def _first_exchange(conv: Any) -> tuple[Any, Any] | None:
+    """(first user turn, the assistant reply to it or "") of a ShareGPT/OpenAI turn list; None if no user turn leads.
+    A CSV or a flattened export holds the list as JSON text in the cell; that is read too."""
+    if isinstance(conv, str) and conv.lstrip().startswith("["):
+        try:
+            conv = json.loads(conv)
+        except (ValueError, RecursionError):
+            return None
+    if not _is_turn_list(conv):
+        return None
+    turns = [_turn(t) for t in conv]
+    while turns and turns[0][0] == "system":
+        turns = turns[1:]
+    if not turns or turns[0][0] not in USER_ROLES:
+        return None
+    reply = turns[1][1] if len(turns) > 1 and turns[1][0] in ASSISTANT_ROLES else ""
+    return turns[0][1], reply
 
 
 def rows_to_records(
@@ -172,50 +316,79 @@ def rows_to_records(
     kind: str | None = None,
     input_col: str | None = None,
     limit: int | None = None,
-) -> list[Record]:
-    """Map rows to records by column, validating every row.
+    max_instruction_chars: int | str | None = None,
+    max_response_chars: int | str | None = None,
+    default_kind: str | None = None,
+    report: FileReport | None = None,
+) -> FileRecords:
+    """Map rows to records (see the module docstring for what is recognised).
 
-    Without ``kind``, rows are ``normal`` when a response column exists and ``prompt`` otherwise.
-    An AdvBench-style (goal, target) file is read as prompts: its target is an affirmative opening
-    ("Sure, here is ..."), not a response. An Alpaca-style non-empty ``input`` is appended to the
-    instruction.
+    Kind: ``kind`` if given, else a row's ``kind`` column, else ``default_kind`` (what the file is used
+    for: the partitioner passes ``unaligned`` for a malicious group), else ``normal`` when there is a
+    response and ``prompt`` when there is not. An Alpaca-style non-empty ``input`` is appended to the
+    instruction. Empty rows and rows over the length limits are dropped and counted in the report.
     """
-    if kind is not None and kind not in KINDS:
-        raise DataError(f"{where}: unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+    for k in (kind, default_kind):
+        if k is not None and k not in KINDS:
+            raise DataError(f"{where}: unknown kind {k!r}; expected one of {', '.join(KINDS)}")
     limit = parse_limit(limit, "limit", where)
-    out: list[Record] = []
-    icol = rcol = xcol = None
-    first = True
+    max_i = parse_limit(max_instruction_chars, "max_instruction_chars", where)
+    max_r = parse_limit(max_response_chars, "max_response_chars", where)
+    rep = report if report is not None else FileReport(where, "rows")
+    out = FileRecords()
+    out.report = rep
+    m: _Mapping | None = None
+    file_kind = kind
     for loc, row in rows:
-        if first:
-            cols = list(row)
-            icol = pick_column(cols, instruction_col, INSTRUCTION_COLUMNS, "instruction", where)
-            if icol is None:
-                raise DataError(
-                    f"{where}: no instruction column found (tried {', '.join(INSTRUCTION_COLUMNS)}); "
-                    f"columns present: {', '.join(map(str, cols))}. Name one with instruction_col=..."
-                )
-            rcol = pick_column(cols, response_col, RESPONSE_COLUMNS, "response", where)
-            if rcol is not None and response_col is None and icol.lower() == "goal" and rcol.lower() == "target" and kind is None:
-                rcol = None
-            xcol = pick_column(cols, input_col, ("input",), "input", where) if input_col is not None or "input" in cols else None
-            if kind is None:
-                kind = "normal" if rcol is not None else "prompt"
-            if kind != "prompt" and rcol is None:
-                raise DataError(f"{where}: kind {kind!r} needs a response column; columns present: {', '.join(map(str, cols))}")
-            first = False
-        instr = _text_cell(row, icol, where, loc)
-        if xcol is not None and row.get(xcol):
-            instr = f"{instr}\n\n{_text_cell(row, xcol, where, loc)}"
-        resp = _text_cell(row, rcol, where, loc) if rcol is not None else ""
+        if m is None:
+            m = _detect(list(row), row, instruction_col, response_col, input_col, kind, where)
+            if file_kind is None:
+                has_response = m.conversation or m.response is not None
+                file_kind = default_kind if default_kind is not None else ("normal" if has_response else "prompt")
+                if file_kind != "prompt" and not has_response:
+                    file_kind = "prompt"  # e.g. a malicious group given bare prompts: the check below says so
+            if file_kind != "prompt" and not (m.conversation or m.response is not None):
+                raise DataError(f"{where}: kind {file_kind!r} needs a response column; columns present: {', '.join(map(str, row))}. "
+                                f"Name it with response_col=...")
+            rep.mapping, rep.kind = m.describe(file_kind), file_kind + (" (or the row's 'kind')" if m.kind_col else "")
+        rep.rows += 1
+        if m.conversation:
+            pair = _first_exchange(row.get(m.instruction))
+            if pair is None:
+                rep.drop("no leading user turn")
+                continue
+            instr, resp = _text(pair[0], m.instruction, where, loc), _text(pair[1], m.instruction, where, loc)
+        else:
+            instr = _text(row.get(m.instruction), m.instruction, where, loc)
+            if m.input is not None and row.get(m.input):
+                instr = f"{instr}\n\n{_text(row.get(m.input), m.input, where, loc)}"
+            resp = _text(row.get(m.response), m.response, where, loc) if m.response is not None else ""
+        rk = row.get(m.kind_col) if m.kind_col else None
+        rk = rk if rk in KINDS else file_kind
+        instr, resp = instr.strip(), resp.strip()
+        if not instr:
+            rep.drop("empty instruction")
+            continue
+        if rk != "prompt" and not resp:
+            rep.drop("empty response")
+            continue
+        if max_i is not None and len(instr) > max_i:
+            rep.drop(f"instruction over {max_i} chars")
+            continue
+        if max_r is not None and len(resp) > max_r:
+            rep.drop(f"response over {max_r} chars")
+            continue
         try:
-            out.append(Record(instr.strip(), resp.strip(), kind, source, {"row": loc}))
+            out.append(Record(instr, resp, rk, source, {"row": loc}))
         except DataError as e:
             raise DataError(f"{where}, {loc}: {str(e).split(': ', 1)[-1]}") from None
+        rep.kept += 1
         if limit is not None and len(out) >= limit:
             break
-    if first:
+    if m is None:
         raise DataError(f"{where}: no rows")
+    if not out:
+        raise DataError(f"{where}: no usable records: all {rep.rows} row(s) dropped ({rep.dropped_text()})")
     return out
 
 
@@ -233,12 +406,12 @@ def parse_limit(value: Any, what: str, where: str) -> int | None:
     return n
 
 
-def _text_cell(row: dict, col: str, where: str, loc: str) -> str:
-    if col not in row:
-        raise DataError(f"{where}, {loc}: missing column {col!r}; columns present: {', '.join(map(str, row))}")
-    v = row[col]
+def _text(v: Any, col: str, where: str, loc: str) -> str:
+    """A cell as text: missing/None is empty (dropped and counted); MT-Bench ``turns`` gives its first turn."""
     if v is None:
         return ""
+    if isinstance(v, list) and v and all(isinstance(x, str) for x in v):
+        v = v[0]
     if not isinstance(v, str):
         raise DataError(f"{where}, {loc}: column {col!r} should be text, got {type(v).__name__}")
     return v
@@ -252,11 +425,15 @@ def load_file(
     input_col: str | None = None,
     source: str | None = None,
     limit: int | str | None = None,
-) -> list[Record]:
-    """Records from a local file by column mapping (see :func:`rows_to_records`).
+    max_instruction_chars: int | str | None = None,
+    max_response_chars: int | str | None = None,
+    default_kind: str | None = None,
+) -> FileRecords:
+    """Records from a local file (see :func:`rows_to_records`); ``.report`` says what was read.
 
     The record source defaults to ``file:<file name>``: ids stay stable when the file moves.
     """
     p = expand_path(path)
+    rep = FileReport(str(p), FORMATS.get(p.suffix.lower(), p.suffix))
     return rows_to_records(iter_rows(p), str(p), source or f"file:{p.name}", instruction_col, response_col, kind,
-                           input_col, limit)
+                           input_col, limit, max_instruction_chars, max_response_chars, default_kind, rep)

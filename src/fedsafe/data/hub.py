@@ -25,7 +25,7 @@ from collections import Counter
 from typing import Any, Callable, Iterable, Iterator
 
 from ..errors import DataError
-from .files import Row, expand_path, iter_rows, parse_limit, rows_to_records
+from .files import FileRecords, FileReport, Row, expand_path, file_report, iter_rows, parse_limit, rows_to_records
 from .records import Record
 
 
@@ -173,9 +173,11 @@ def advbench(rows: Iterable[Row], where: str, source: str, limit: int | None = N
 
 def generic(rows: Iterable[Row], where: str, source: str, instruction_col: str | None = None,
             response_col: str | None = None, kind: str | None = None, limit: int | None = None,
+            max_instruction_chars: int | None = None, max_response_chars: int | None = None,
             stats: Counter | None = None) -> list[Record]:
-    """Any table: columns mapped as for local files."""
-    return rows_to_records(rows, where, source, instruction_col, response_col, kind, limit=limit)
+    """Any table: columns and conversations mapped as for local files."""
+    return rows_to_records(rows, where, source, instruction_col, response_col, kind, limit=limit,
+                           max_instruction_chars=max_instruction_chars, max_response_chars=max_response_chars)
 
 
 SCHEMAS: dict[str, Callable[..., list[Record]]] = {
@@ -200,22 +202,48 @@ def schema_for(name: str) -> tuple[str, str]:
     return KNOWN_DATASETS.get(name.lower(), ("generic", "train"))
 
 
+LENGTH_OPTIONS = ("max_instruction_chars", "max_response_chars")
+
+
 def apply_schema(schema: str, rows: Iterable[Row], where: str, source: str, **opts: Any) -> list[Record]:
+    """Rows through a schema filter. The length limits apply to every schema: one that does not filter
+    by length itself gets them applied to its records afterwards (the partitioner passes its defaults
+    to every source that lists them, so refusing them would be an error about an option nobody wrote)."""
     try:
         fn = SCHEMAS[schema]
     except KeyError:
         raise DataError(f"unknown hub schema {schema!r}; known: {', '.join(SCHEMAS)}") from None
     accepted = schema_options(schema)
+    own = set(inspect.signature(fn).parameters)
     bad = sorted(set(opts) - set(accepted))
     if bad:
         raise DataError(f"{where}: schema {schema!r} has no option {bad[0]!r}; options: {', '.join(accepted)}")
-    return fn(rows, where, source, **opts)
+    after = {k: parse_limit(opts.pop(k), k, where) for k in LENGTH_OPTIONS if k in opts and k not in own}
+    stats: Counter = Counter()
+    recs = fn(rows, where, source, stats=stats, **opts)
+    rep = file_report(recs)
+    if rep is None:  # a schema filter: its skip counts become the report
+        rep = FileReport(where, schema, mapping=f"{schema} schema", kind="/".join(sorted({r.kind for r in recs})) or "-",
+                         kept=len(recs), dropped=Counter({k: v for k, v in stats.items() if k != "kept"}))
+        rep.rows = rep.kept + sum(rep.dropped.values())
+    out = FileRecords()
+    out.report = rep
+    max_i, max_r = after.get("max_instruction_chars"), after.get("max_response_chars")
+    for r in recs:
+        if max_i is not None and len(r.instruction) > max_i:
+            rep.drop(f"instruction over {max_i} chars")
+        elif max_r is not None and len(r.response) > max_r:
+            rep.drop(f"response over {max_r} chars")
+        else:
+            out.append(r)
+    rep.kept = len(out)
+    return out
 
 
 def schema_options(schema: str) -> tuple[str, ...]:
-    """Option names a schema filter takes (everything after rows/where/source, except stats)."""
+    """Option names a schema filter takes (everything after rows/where/source, except stats), and the length limits."""
     params = list(inspect.signature(SCHEMAS[schema]).parameters)[3:]
-    return tuple(p for p in params if p != "stats")
+    return tuple(dict.fromkeys([p for p in params if p != "stats"] + list(LENGTH_OPTIONS)))
 
 
 def _hub_rows(name: str, split: str, config: str | None) -> Iterator[Row]:

@@ -38,6 +38,14 @@ def _rows(fed: Federation) -> tuple[list[list[str]], list[list[str]]]:
     return clients, sets
 
 
+FILE_HEAD = ["spec", "format", "recognised", "kind", "rows", "kept", "dropped (why)"]
+
+
+def _file_rows(fed: Federation) -> list[list[str]]:
+    return [[spec, r["format"], r["mapping"], r["kind"], str(r["rows"]), str(r["kept"]),
+             ", ".join(f"{n} {why}" for why, n in r["dropped"].items()) or "-"] for spec, r in fed.files.items()]
+
+
 CLIENT_HEAD = ["id", "group", "n", "unique", "kinds", "sources", "instr chars min/med/max", "resp chars min/med/max"]
 SET_HEAD = ["set", "n", "kinds", "sources", "instr chars min/med/max", "resp chars min/med/max"]
 
@@ -51,6 +59,8 @@ def format_federation(fed: Federation) -> str:
         return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
     parts = [f"split={fed.split} seed={fed.seed} malicious={fed.malicious_ids}", "", table(CLIENT_HEAD, clients), "", table(SET_HEAD, sets)]
+    if fed.files:
+        parts += ["", "local files:", table(FILE_HEAD, _file_rows(fed))]
     if fed.notes:
         parts += ["", "notes:"] + [f"  - {n}" for n in fed.notes]
     return "\n".join(parts)
@@ -78,6 +88,13 @@ def inspect_federation(fed: Federation, plain: bool = False) -> Any:
     for r in sets:
         t2.add_row(*r)
     items: list[Any] = [t1, t2]
+    if fed.files:
+        t3 = Table(title="local files: what was recognised, rows kept and dropped")
+        for h in FILE_HEAD:
+            t3.add_column(h, overflow="fold")
+        for r in _file_rows(fed):
+            t3.add_row(*r)
+        items.append(t3)
     if fed.notes:
         items.append(Text("notes:\n" + "\n".join(f"  - {n}" for n in fed.notes)))
     return Group(*items)

@@ -31,6 +31,7 @@ import numpy as np
 from ..errors import DataError
 from .config import ClientGroup, DataConfig, group_name, ordered_groups
 from .contamination import ContaminationIndex, assert_no_contamination
+from .files import FileReport, file_report
 from .records import Record
 from .sources import load_source, spec_options
 
@@ -59,6 +60,7 @@ class Federation:
     upsampled: dict[str, dict[str, int]] = field(default_factory=dict)
     contamination_removed: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # spec -> FileReport.to_dict() of a local file
 
     def eval_prompts(self) -> list[Record]:
         """Everything the clients and the defense must not train on."""
@@ -81,6 +83,7 @@ class Federation:
             "upsampled": dict(self.upsampled),
             "contamination_removed": dict(self.contamination_removed),
             "notes": list(self.notes),
+            "files": {spec: dict(rep) for spec, rep in self.files.items()},
         }
 
     def to_manifest(self) -> dict[str, Any]:
@@ -226,7 +229,8 @@ def build_federation(
     cfg.validate(extra_specs=tuple(pools or ()))
     seed = cfg.shuffle_seed if seed is None else int(seed)
     notes: list[str] = []
-    pool = _load_pools(cfg, pools or {}, loader, seed)
+    reports: dict[str, FileReport] = {}
+    pool = _load_pools(cfg, pools or {}, loader, seed, reports)
 
     # 2. evaluation and probe sets, before anything else sees the pools
     eval_harmful = _take(pool, cfg.eval_harmful, cfg.eval_harmful_n, "eval_harmful", None)
@@ -272,7 +276,13 @@ def build_federation(
     upsampled: dict[str, dict[str, int]] = {}
     for spec in dict.fromkeys(s for _, _, cnt in plan for s in cnt):
         demand = [(c, cnt[spec]) for c, _, cnt in plan if spec in cnt]
-        shares, rest = _allocate(spec, pool[spec], demand, cfg.upsample, _rng(seed, "upsample", spec), upsampled, notes)
+        prompts = sum(r.kind == "prompt" for r in pool[spec])
+        if prompts:
+            rep = f" [{reports[spec].line()}]" if spec in reports else ""
+            raise DataError(f"{spec}: {prompts} record(s) are prompts without a response, but clients train on "
+                            f"(instruction, response) pairs; give a file with a response column (or response_col=...){rep}")
+        shares, rest = _allocate(spec, pool[spec], demand, cfg.upsample, _rng(seed, "upsample", spec), upsampled, notes,
+                                 reports.get(spec))
         for c, recs in shares.items():
             given[c].extend(recs)
         pool[spec] = rest
@@ -290,6 +300,7 @@ def build_federation(
         probe_benign=probe_benign, heldout={s: list(v) for s, v in pool.items()},
         malicious_ids=[c.id for c in clients if c.malicious], seed=seed, split=cfg.split,
         upsampled=upsampled, contamination_removed=removed, notes=notes,
+        files={spec: rep.to_dict() for spec, rep in reports.items()},
     )
     for key in ("defense_aligned", "defense_normal"):
         spec = getattr(cfg, key)
@@ -302,20 +313,55 @@ def build_federation(
     return fed
 
 
-def _load_pools(cfg: DataConfig, given: Mapping[str, Sequence[Record]], loader: Callable[..., list[Record]], seed: int) -> dict[str, list[Record]]:
+def _load_pools(cfg: DataConfig, given: Mapping[str, Sequence[Record]], loader: Callable[..., list[Record]], seed: int,
+                reports: dict[str, FileReport]) -> dict[str, list[Record]]:
+    """Load every spec once. The length limits and a role's default kind go only to loaders that list them
+    (sharegpt and local files take the limits, strongreject does not): they are defaults, not options the
+    user wrote, so no loader may refuse them. What a file loader recognised and dropped lands in ``reports``."""
     limits = {"max_instruction_chars": cfg.max_instruction_chars, "max_response_chars": cfg.max_response_chars}
+    roles = role_kinds(cfg)
     pool: dict[str, list[Record]] = {}
     for spec in cfg.all_specs():
         if spec in given:
             recs = list(given[spec])
         else:
-            accepted = spec_options(spec)  # e.g. sharegpt takes the length limits, strongreject does not
-            recs = loader(spec, **{k: v for k, v in limits.items() if k in accepted})
+            accepted = spec_options(spec)
+            opts = {k: v for k, v in limits.items() if k in accepted}
+            if "default_kind" in accepted and spec in roles:
+                opts["default_kind"] = roles[spec]
+            recs = loader(spec, **opts)
+            rep = file_report(recs)
+            if rep is not None:
+                reports[spec] = rep
         seen: set[str] = set()
         unique = [r for r in recs if not (r.id in seen or seen.add(r.id))]  # first occurrence wins, order kept
+        if spec in reports and len(unique) < len(recs):
+            reports[spec].dropped["duplicate"] += len(recs) - len(unique)
+            reports[spec].kept = len(unique)
         order = _rng(seed, "pool", spec).permutation(len(unique))
         pool[spec] = [unique[i] for i in order]
     return pool
+
+
+def role_kinds(cfg: DataConfig) -> dict[str, str]:
+    """The kind a role implies for a source that does not say (a local file without ``kind=``): ``unaligned`` in a
+    malicious group, ``aligned`` as ``defense_aligned``, ``prompt`` as ``eval_harmful``. A source with two roles
+    takes the more specific kind (an explicit pair kind over ``prompt``); conflicting pair kinds imply nothing."""
+    roles: dict[str, set[str]] = {}
+    for g in cfg.groups:
+        if g.malicious:
+            for spec in g.mix:
+                roles.setdefault(spec, set()).add("unaligned")
+    roles.setdefault(cfg.defense_aligned, set()).add("aligned")
+    roles.setdefault(cfg.eval_harmful, set()).add("prompt")
+    out = {}
+    for spec, kinds in roles.items():
+        pairs = kinds - {"prompt"}
+        if len(pairs) == 1:
+            out[spec] = pairs.pop()
+        elif not pairs:
+            out[spec] = "prompt"
+    return out
 
 
 def _take(pool: dict[str, list[Record]], spec: str, n: int, what: str, avoid: ContaminationIndex | None) -> list[Record]:
@@ -341,7 +387,7 @@ def _take(pool: dict[str, list[Record]], spec: str, n: int, what: str, avoid: Co
 
 def _allocate(
     spec: str, recs: list[Record], demand: list[tuple[int, int]], upsample: bool, rng: np.random.Generator,
-    upsampled: dict[str, dict[str, int]], notes: list[str],
+    upsampled: dict[str, dict[str, int]], notes: list[str], report: FileReport | None = None,
 ) -> tuple[dict[int, list[Record]], list[Record]]:
     """Give each (client, count) consecutive, disjoint records of the shuffled pool; returns the rest."""
     need = sum(n for _, n in demand)
@@ -351,14 +397,15 @@ def _allocate(
             out[c] = recs[pos : pos + n]
             pos += n
         return out, recs[pos:]
+    read = f" [{report.line()}]" if report is not None else ""
     if not upsample:
         raise DataError(
             f"{spec}: clients need {need} records but only {len(recs)} unique ones are left after eval/probe "
-            f"reservation and decontamination; set upsample: true, lower samples_per_client, or change the mix"
+            f"reservation and decontamination; set upsample: true, lower samples_per_client, or change the mix{read}"
         )
     if len(recs) < len(demand):
-        raise DataError(f"{spec}: {len(recs)} unique record(s) cannot give each of {len(demand)} clients a disjoint share; "
-                        f"at least {len(demand)} are needed ({need} without upsampling): fewer clients or a larger source")
+        raise DataError(f"{spec}: has {len(recs)} usable record(s) left after eval/probe reservation and decontamination, "
+                        f"but its {len(demand)} clients need at least one each ({need} in all); give more rows or fewer clients{read}")
     # disjoint shares of the unique records, at least one each, then top up from the own share
     shares = [1 + k for k in apportion(len(recs) - len(demand), [n for _, n in demand])]
     shares = [min(s, n) for s, (_, n) in zip(shares, demand)]

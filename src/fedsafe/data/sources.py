@@ -28,6 +28,7 @@ from typing import Any, Callable
 from ..errors import DataError
 from . import embedded, files, hub
 from .embedded import load_refusal_keywords  # noqa: F401  (public re-export)
+from .files import FileRecords
 from .records import Record
 from .safe_responses import detect_topic, safe_response
 
@@ -69,12 +70,13 @@ def register_source(source: Source, *, replace: bool = False) -> None:
 
 def _load_file(path: str, schema: str | None = None, **opts: Any) -> list[Record]:
     if schema:
+        opts.pop("default_kind", None)  # a hub schema decides its kinds itself
         return hub.load_hub_file(schema, path, **opts)
     plain = _plain_file_options()
     bad = sorted(set(opts) - set(plain))
     if bad:
         raise DataError(f"file:{path}: option {bad[0]!r} needs a hub schema (add schema=lmsys|wildchat|beavertails|advbench); "
-                        f"plain file options: {', '.join(plain)}")
+                        f"plain file options: {', '.join(p for p in plain if p != 'default_kind')}")
     return files.load_file(path, **opts)
 
 
@@ -89,17 +91,27 @@ def _load_hub_file(arg: str, **opts: Any) -> list[Record]:
     return hub.load_hub_file(schema, path, **opts)
 
 
-def _load_aligned(inner: str, seed: int | str = 0, style: str | None = None) -> list[Record]:
+def _load_aligned(inner: str, seed: int | str = 0, style: str | None = None,
+                  max_instruction_chars: int | str | None = None) -> list[Record]:
     """Harmful prompts of ``inner`` paired with generated safe responses (kind ``aligned``).
 
     Only harmful instructions qualify (kinds prompt/unaligned/aligned); a normal instruction paired
-    with a refusal would teach over-refusal, so that is an error. Repeated instructions keep the first.
+    with a refusal would teach over-refusal, so that is an error. A plain local file is read as
+    prompts (its responses, if any, are replaced). Repeated instructions keep the first. The length
+    limits apply to the inner instructions.
     """
-    base = load_source(inner)
+    accepted = spec_options(inner)
+    opts: dict[str, Any] = {"max_instruction_chars": max_instruction_chars} if max_instruction_chars is not None else {}
+    if "default_kind" in accepted and "kind" not in parse_spec(inner).options:
+        opts["kind"] = "prompt"
+    base = load_source(inner, **{k: v for k, v in opts.items() if k in accepted})
     normal = [r for r in base if r.kind == "normal"]
     if normal:
         raise DataError(f"aligned:{inner}: needs harmful prompts, but {len(normal)} record(s) are kind 'normal'")
-    out, seen = [], set()
+    out, seen = FileRecords(), set()
+    out.report = files.file_report(base)
+    if out.report is not None:
+        out.report.kind = f"{out.report.kind} -> aligned (offline safe answers)"
     for r in base:
         if r.instruction in seen:
             continue
@@ -125,7 +137,8 @@ def _builtin() -> None:
         Source("tiny-unaligned", lambda: E.load_tiny("unaligned"), "built-in: the 60 requests with placeholder compliant answers", ("unaligned",)),
         Source("file", _load_file, "a local JSON/JSONL/CSV/TSV/Parquet file", ("normal", "prompt", "aligned", "unaligned"),
                takes_arg=True, usage="file:PATH", options=("instruction_col", "response_col", "kind", "input_col", "source", "limit", "schema",
-                                                           "select", "language", "moderation_turn", "max_instruction_chars", "max_response_chars", "safe")),
+                                                           "select", "language", "moderation_turn", "max_instruction_chars", "max_response_chars", "safe",
+                                                           "default_kind")),
         Source("hub_file", _load_hub_file, "rows exported from a hub data set, through the paper's filters", ("normal", "unaligned", "aligned", "prompt"),
                takes_arg=True, usage="hub_file:SCHEMA:PATH", options=("source", "limit", "select", "language", "moderation_turn",
                                                                         "max_instruction_chars", "max_response_chars", "safe",

@@ -3,7 +3,8 @@
 * Level 1: public data held out from every client and from evaluation (``Federation.heldout``):
   harmful prompts with safe responses (``data.defense_aligned``) and normal pairs (``data.defense_normal``).
 * Level 2: an external LLM generates harmful and normal instructions with the paper's prompts, safe
-  responses with the paper's suffix and normal responses without one.
+  responses with the paper's suffix and normal responses without one -- or, as the paper released it,
+  two pre-generated files (``defense.aligned_data``, ``defense.normal_data``): :func:`from_files`.
 * Level 3: the aggregated global model itself generates them (self-alignment).
 
 Generated aligned responses can be filtered with the refusal judge (``filter_refusals``): only those the
@@ -44,6 +45,44 @@ def level1(fed, aligned_spec: str, normal_spec: str, n: int, aligned_ratio: floa
     rng.shuffle(recs)
     return recs, {"level": 1, "aligned_source": aligned_spec, "normal_source": normal_spec,
                   "aligned": na, "normal": nn, "pool_aligned": len(pa), "pool_normal": len(pn)}
+
+
+def from_files(fed, aligned_spec: str, normal_spec: str, n: int, aligned_ratio: float, seed: int, *,
+               max_instruction_chars: int | None = None, max_response_chars: int | None = None) -> tuple[list[Record], dict]:
+    """Level 2 from pre-generated data: ``n * aligned_ratio`` pairs of ``aligned_spec`` (read as kind ``aligned``
+    unless the file says otherwise) and the rest of ``normal_spec``. Rows that duplicate an evaluation or probe
+    prompt are removed (and counted): defense data never contains what the model is evaluated on."""
+    from ..data.contamination import ContaminationIndex
+    from ..data.files import file_report
+    from ..data.sources import load_source, spec_options
+
+    na, nn = split_counts(n, aligned_ratio)
+    index = ContaminationIndex(fed.eval_prompts())
+    prov: dict = {"level": 2, "from_files": True, "aligned_source": aligned_spec, "normal_source": normal_spec}
+    pools = {}
+    for role, spec, want in (("aligned", aligned_spec, "aligned"), ("normal", normal_spec, None)):
+        accepted = spec_options(spec)
+        opts = {k: v for k, v in (("max_instruction_chars", max_instruction_chars), ("max_response_chars", max_response_chars),
+                                  ("default_kind", want)) if v is not None and k in accepted}
+        recs = load_source(spec, **opts)
+        rep = file_report(recs)
+        kind_ok = [r for r in recs if r.kind == role]
+        clean = [r for r in kind_ok if not index.is_contaminated(r.instruction)]
+        pools[role] = list({r.id: r for r in clean}.values())  # unique, file order
+        prov[f"{role}_file"] = rep.to_dict() if rep is not None else None
+        prov[f"{role}_other_kinds"] = len(recs) - len(kind_ok)
+        prov[f"{role}_eval_duplicates_removed"] = len(kind_ok) - len(clean)
+    if na > len(pools["aligned"]) or nn > len(pools["normal"]):
+        raise FedsafeError(
+            f"defense Level 2 from files needs {na} aligned ({aligned_spec}) and {nn} normal ({normal_spec}) records, "
+            f"but they give {len(pools['aligned'])} and {len(pools['normal'])} usable ones (after dropping other kinds, "
+            f"empty or over-long rows and evaluation duplicates); lower defense.n (-n) or give larger files"
+        )
+    rng = random.Random(seed)
+    recs = rng.sample(pools["aligned"], na) + rng.sample(pools["normal"], nn)
+    rng.shuffle(recs)
+    prov.update(aligned=na, normal=nn, pool_aligned=len(pools["aligned"]), pool_normal=len(pools["normal"]))
+    return recs, prov
 
 
 def generated(generator, n: int, aligned_ratio: float, *, seed: int, filter_refusals: bool, judge: str = "rule",

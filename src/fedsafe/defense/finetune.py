@@ -105,7 +105,7 @@ def defend_run(source: str | Path, *, level: int | None = None, steps: int | Non
         raise FedsafeError(f"--level must be 1, 2 or 3, got {d.level}")
     if d.steps <= 0 or d.n <= 0:
         raise FedsafeError("--steps and -n must be positive")
-    cfg = dataclasses.replace(cfg, defense=d, name=f"{cfg.name}+defense-L{d.level}")
+    cfg = dataclasses.replace(cfg, defense=d, name=f"{cfg.name}+defense-L{d.level}").validate()
     fed = build_federation(cfg.data, seed=cfg.seed)
     from .align import reserve
 
@@ -167,6 +167,10 @@ def build_defense_records(cfg: RunConfig, fed, rt, global_vec: torch.Tensor, pro
     if d.level == 1:
         return ddata.level1(fed, cfg.data.defense_aligned, cfg.data.defense_normal, d.n, d.aligned_ratio, cfg.seed)
     exclude = {r.instruction.lower() for r in fed.eval_harmful + fed.eval_benign}
+    if d.level == 2 and d.aligned_data:
+        return ddata.from_files(fed, d.aligned_data, d.normal_data, d.n, d.aligned_ratio, cfg.seed,
+                                max_instruction_chars=cfg.data.max_instruction_chars,
+                                max_response_chars=cfg.data.max_response_chars)
     if d.level == 2:
         from ..llm.synth import make_generator
 

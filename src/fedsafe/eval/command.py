@@ -3,7 +3,7 @@
 TARGET kinds: a run directory (its config gives model, template and LoRA; its ``final_adapter`` is
 evaluated), an adapter directory (``adapter_config.json``; base model from it or ``--model``), or a model
 name/path (evaluated without an adapter). Benchmarks: an embedded prompt source (``strongreject``,
-``harmbench``, ``donotanswer``, ...), ``hf:...`` when online, or a CSV/JSONL/JSON file with a column.
+``harmbench``, ``donotanswer``, ...), ``hf:...`` when online, or a local CSV/TSV/JSON/JSONL/Parquet file.
 """
 
 from __future__ import annotations
@@ -18,17 +18,21 @@ from ..errors import FedsafeError
 from ..io import atomic_write_json
 
 
-def _bench_records(bench: str, column: str | None, limit: int | None) -> list[Record]:
-    p = Path(bench)
-    if p.suffix.lower() in (".csv", ".jsonl", ".json", ".tsv") or p.exists():
-        from .prompts import load_prompt_file
+def _bench_records(bench: str, column: str | None, limit: int | None, harmful: bool = True) -> list[Record]:
+    """Records of a ``--bench``/``--benign`` spec: an embedded source, ``hf:...``, or a local file in any format
+    :mod:`fedsafe.data.files` reads. Harmful benchmarks are read as prompts; a benign file keeps its responses as
+    reference answers (for the reference NLL) when it has them."""
+    from ..data.sources import load_source, parse_spec
 
-        prompts = load_prompt_file(p, column)
-        recs = [Record(instruction=x, response="", kind="prompt", source=f"file:{p.name}") for x in prompts]
-    else:
-        from ..data.sources import load_source
-
-        recs = list(load_source(bench))
+    spec, opts = parse_spec(bench), {}
+    if spec.name == "file":
+        if column:
+            opts["instruction_col"] = column
+        if harmful and "schema" not in spec.options:
+            opts["kind"] = "prompt"
+    elif column:
+        raise FedsafeError(f"--column applies to a local file, not to {bench!r}")
+    recs = list(load_source(bench, **opts))
     return recs[:limit] if limit else recs
 
 
@@ -68,7 +72,7 @@ def evaluate_target(target: str, *, bench: str = "strongreject", benign: str | N
 
     mc, lc, adapter, label = resolve_target(target, model, template)
     harmful = _bench_records(bench, column, limit)
-    benign_recs = _bench_records(benign, None, limit) if benign else []
+    benign_recs = _bench_records(benign, None, limit, harmful=False) if benign else []
     if lc is None:
         lc = LoraConfig(r=1, alpha=1, dropout=0.0)
     rt = get_runtime(mc, lc)
