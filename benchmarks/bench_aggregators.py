@@ -157,6 +157,11 @@ def assumed_attackers(name: str, n: int) -> int:
     return max(0, min(n // 5, most))
 
 
+def default_rules() -> list[str]:
+    """Every registered rule this script can feed, plus the forensics pass the engine runs each round."""
+    return [r for r in sorted(REGISTRY) if rule_needs(r) <= SUPPLIED] + ["forensics"]
+
+
 def rule_call(name: str, x: torch.Tensor, root: torch.Tensor) -> Callable[[], object]:
     if name == "forensics":
         return lambda: forensics(x)
@@ -301,8 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
-    default = [r for r in sorted(REGISTRY) if rule_needs(r) <= SUPPLIED] + ["forensics"]
-    rules = args.rules.split(",") if args.rules else default
+    rules = args.rules.split(",") if args.rules else default_rules()
     unknown = [r for r in rules if r not in REGISTRY and r != "forensics"]
     if unknown:
         ap.error(f"unknown rules: {unknown}")

@@ -38,29 +38,40 @@ def _engine(model: str, m: int, prefix: bool, tmp: str):
     return build_engine(cfg, tmp, progress=False, round_callback=None)
 
 
-def one(model: str, m: int, prefix: bool, repeats: int) -> dict:
+def time_groupings(eng, groups: list[int], repeats: int) -> tuple[dict[int, float], float]:
+    """Median seconds of one round's client training for each ``fl.batch_clients`` in ``groups`` (the same
+    sampled clients, adapters and batches every way, order rotated per round) and the largest adapter
+    difference from the first grouping. Round 0 warms up; the prefix cache is filled outside the clock."""
     from fedsafe.fl.engine import sample_clients
 
+    fl = eng.cfg.fl
+    times: dict[int, list[float]] = {g: [] for g in groups}
+    worst = 0.0
+    for rnd in range(repeats + 1):
+        sampled = sample_clients(eng.cfg.seed, rnd, eng.K, fl.sample_clients, eng.malicious, fl.sampling)
+        for c in sampled:
+            if eng.use_prefix:
+                eng._prefix_fn(c)(list(range(len(eng.examples[c]))))
+        outs = {}
+        k = rnd % len(groups)
+        for g in groups[k:] + groups[:k]:  # rotate the order: no position bias
+            fl.batch_clients = g
+            t0 = time.perf_counter()
+            outs[g] = [sd for _cid, sd, _ in eng._client_updates(sampled, rnd, fl.lr)]  # ends on the host: synced
+            if rnd > 0:
+                times[g].append(time.perf_counter() - t0)
+        for g in groups[1:]:
+            for a, b in zip(outs[groups[0]], outs[g]):
+                worst = max(worst, max(float((a[n] - b[n]).abs().max()) for n in a))
+    return {g: statistics.median(v) for g, v in times.items()}, worst
+
+
+def one(model: str, m: int, prefix: bool, repeats: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         eng = _engine(model, m, prefix, tmp)
         fl = eng.cfg.fl
-        times = {1: [], m: []}
-        worst = 0.0
-        for rnd in range(repeats + 1):  # round 0 warms up (and fills the prefix cache for its clients)
-            sampled = sample_clients(eng.cfg.seed, rnd, eng.K, m, eng.malicious, fl.sampling)
-            for c in sampled:  # fill the prefix cache outside the timed region, once per client
-                if eng.use_prefix:
-                    eng._prefix_fn(c)(list(range(len(eng.examples[c]))))
-            outs = {}
-            for g in (1, m) if rnd % 2 == 0 else (m, 1):  # alternate the order: no position bias
-                fl.batch_clients = g
-                t0 = time.perf_counter()
-                outs[g] = [sd for _cid, sd, _ in eng._client_updates(sampled, rnd, fl.lr)]
-                if rnd > 0:
-                    times[g].append(time.perf_counter() - t0)
-            for a, b in zip(outs[1], outs[m]):
-                worst = max(worst, max(float((a[k] - b[k]).abs().max()) for k in a))
-    seq, bat = statistics.median(times[1]), statistics.median(times[m])
+        med, worst = time_groupings(eng, [1, m], repeats)
+    seq, bat = med[1], med[m]
     return {"clients": m, "prefix_cache": prefix, "sequential_s": seq, "batched_s": bat, "speedup": seq / bat,
             "max_abs_diff": worst, "steps": fl.local_steps, "batch_size": fl.batch_size}
 

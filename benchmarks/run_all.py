@@ -37,13 +37,17 @@ def _machine() -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
+def _script(name: str) -> str:
+    return SCRIPTS.get(name, f"bench_{name}")
+
+
 def _run(name: str, args: list[str]) -> dict:
     out = HERE / "out" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(HERE / f"bench_{name}.py"), *args, "--json", str(out)]
+    cmd = [sys.executable, str(HERE / f"{_script(name)}.py"), *args, "--json", str(out)]
     t0 = time.time()
     p = subprocess.run(cmd, capture_output=True, text=True)
-    rec = {"command": "python benchmarks/" + " ".join([f"bench_{name}.py", *args]), "seconds": round(time.time() - t0, 1),
+    rec = {"command": "python benchmarks/" + " ".join([f"{_script(name)}.py", *args]), "seconds": round(time.time() - t0, 1),
            "ok": p.returncode == 0}
     if p.returncode == 0 and out.exists():
         rec["result"] = json.loads(out.read_text())
@@ -60,15 +64,22 @@ TITLES = {
     "prefix": "Frozen-prefix caching (LoRA on the top L layers)",
     "batched": "Batched clients (fl.batch_clients)",
     "aggregators": "Aggregation",
+    "clients": "Scale in clients: K = 10, 100, 1,000 with m = 10 per round",
+    "gpu": "GPU check (CUDA)",
 }
+SCRIPTS = {"gpu": "gpu_check"}  # sections whose script is not bench_<name>.py
+NO_GPU = "Not measured: no GPU available."
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats")
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--only", default=",".join(TITLES), help="comma-separated subset; the others keep their "
-                    "previous figures in results.json")
+    ap.add_argument("--only", default=None, help="comma-separated subset; the others keep their previous figures "
+                    "in results.json (default: all; gpu only where CUDA is available)")
+    ap.add_argument("--merge", action="append", default=[], metavar="NAME=JSON",
+                    help="take a section's result from a JSON file a script wrote elsewhere (e.g. "
+                         "gpu=benchmarks/out/gpu_check.json from a GPU machine) and re-render; runs nothing else")
     a = ap.parse_args()
     m = ["--model", a.model]
     args = {"engine": m + (["--repeats", "2"] if a.quick else []),
@@ -76,8 +87,16 @@ def main() -> None:
             "generation": m + (["--prompts", "16"] if a.quick else []),
             "prefix": m + (["--repeats", "2"] if a.quick else []),
             "batched": m + (["--clients", "3", "--repeats", "1", "--threads", "1"] if a.quick else []),
-            "aggregators": ["--quick"] if a.quick else []}
-    only = [x for x in a.only.split(",") if x]
+            "aggregators": ["--quick"] if a.quick else [],
+            "clients": ["--clients", "10,100", "--rounds", "6"] if a.quick else [], "gpu": []}
+    if a.merge:
+        return _merge(a.merge)
+    import torch
+
+    cuda = torch.cuda.is_available()
+    only = [x for x in (a.only or ",".join(k for k in TITLES if k != "gpu" or cuda)).split(",") if x]
+    if "gpu" in only and not cuda:
+        raise SystemExit("--only gpu needs a CUDA machine (the GPU check's section stays as it is)")
     unknown = sorted(set(only) - set(TITLES))
     if unknown:
         raise SystemExit(f"unknown benchmark(s) {unknown}; choose from {', '.join(TITLES)}")
@@ -89,9 +108,30 @@ def main() -> None:
         if k in only:
             bench[k] = _run(k, args[k]) | {"machine": machine}
         else:  # keep what an earlier run measured, with its own machine and date
-            bench[k] = prev.get(k) or {"ok": False, "error": "not run yet", "command": f"bench_{k}.py"}
+            bench[k] = prev.get(k) or {"ok": False, "error": "not run yet", "command": f"python benchmarks/{_script(k)}.py"}
     res = {"machine": machine, "benchmarks": bench}
     (HERE / "results.json").write_text(json.dumps(res, indent=2) + "\n")
+    (HERE / "results.md").write_text(render(res))
+    print(f"wrote {HERE / 'results.md'}")
+
+
+def _merge(items: list[str]) -> None:
+    """Put results measured elsewhere into results.json (with the machine they were measured on) and re-render."""
+    prev_file = HERE / "results.json"
+    res = json.loads(prev_file.read_text())
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or name not in TITLES:
+            raise SystemExit(f"--merge {item!r}: give NAME=JSON with NAME one of {', '.join(TITLES)}")
+        try:
+            result = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--merge {item!r}: cannot read {path}: {e}") from None
+        rec = {"command": f"python benchmarks/{_script(name)}.py", "ok": True, "result": result}
+        if isinstance(result, dict) and isinstance(result.get("machine"), dict):
+            rec["machine"] = result["machine"]
+        res["benchmarks"][name] = rec
+    prev_file.write_text(json.dumps(res, indent=2) + "\n")
     (HERE / "results.md").write_text(render(res))
     print(f"wrote {HERE / 'results.md'}")
 
@@ -127,7 +167,7 @@ def _module_md(name: str, result: dict) -> list[str]:
     """Sections whose script knows best how to show itself: ``bench_<name>.render(result)``."""
     sys.path.insert(0, str(HERE))
     try:
-        mod = importlib.import_module(f"bench_{name}")
+        mod = importlib.import_module(_script(name))
     finally:
         sys.path.pop(0)
     if hasattr(mod, "render"):
@@ -147,7 +187,9 @@ def render(res: dict) -> str:
              "own command, and the date it was measured when that differs from the line above.", ""]
     for name, title in TITLES.items():
         rec = res["benchmarks"].get(name, {})
-        lines += [f"## {title}", "", f"`{rec.get('command', f'bench_{name}.py')}`", ""]
+        if lines[-1] != "":
+            lines.append("")  # a section that ends without a blank line must not swallow the next heading
+        lines += [f"## {title}", "", f"`{rec.get('command', f'python benchmarks/{_script(name)}.py')}`", ""]
         when = (rec.get("machine") or {}).get("date")
         if when and when != mach["date"]:
             lines += [f"Measured {when}.", ""]
@@ -155,7 +197,7 @@ def render(res: dict) -> str:
             fn = SECTION_MD.get(name)
             lines += fn(rec["result"]) if fn else _module_md(name, rec["result"])
         elif rec.get("error") in (None, "not run", "not run yet"):
-            lines += ["Not run yet.", ""]
+            lines += [NO_GPU if name == "gpu" else "Not run yet.", ""]
         else:
             lines += ["failed:", "```", rec["error"], "```", ""]
     return "\n".join(lines) + "\n"

@@ -118,6 +118,7 @@ def test_float64_input_keeps_dtype(name):
     assert res.aggregate.dtype == torch.float64
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ALL_RULES)
 def test_cuda_matches_cpu(name):

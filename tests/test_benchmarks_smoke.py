@@ -28,3 +28,48 @@ def test_batched_clients_bench_runs_on_tiny(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["clients"], r["prefix_cache"]) for r in rows] == [(3, True), (3, False)]
     assert all(r["max_abs_diff"] < 1e-4 and r["sequential_s"] > 0 and r["batched_s"] > 0 for r in rows)
+
+
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    out, md = tmp_path / "g.json", tmp_path / "g.md"
+    p = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--dry-run", "--json", str(out), "--md", str(md)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    secs = res["sections"]
+    assert res["dry_run"] and set(secs) == {"tests", "engine", "batched", "aggregators"}
+    assert not any("error" in s or "skipped" in s for s in secs.values())
+    assert secs["tests"]["ok"] and "collected" in secs["tests"]["summary"]  # the -m cuda selection exists
+    assert [r["shape"] for r in secs["engine"]["rows"]] == ["smollm2-135m", "llama-2-7b"]
+    assert all(r["s_per_step"] > 0 and r["lora"]["target_modules"] == ["q_proj", "v_proj"] for r in secs["engine"]["rows"])
+    assert secs["batched"]["max_abs_diff"] < 1e-4 and len(secs["batched"]["rows"]) == 2
+    assert len(secs["aggregators"]["rows"]) >= 15
+    sys.path.insert(0, str(BENCH))
+    try:
+        import run_all
+    finally:
+        sys.path.pop(0)
+    page = run_all.render({"machine": res["machine"] | {"platform": "x", "peft": "x"},
+                           "benchmarks": {"gpu": {"ok": True, "result": res, "command": "gpu_check.py"}}})
+    assert "**Dry run**" in page and "| llama-2-7b |" in page and "| median |" in page
+    assert md.read_text().startswith("**Dry run**")
+
+
+def test_gpu_check_without_cuda_says_so_and_exits_2():
+    import torch
+
+    if torch.cuda.is_available():
+        return  # the real check runs here instead (gpu_check.py without --dry-run)
+    p = subprocess.run([sys.executable, str(BENCH / "gpu_check.py")], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "CUDA is not available" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_results_page_marks_the_gpu_section_not_measured_without_a_result():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import run_all
+    finally:
+        sys.path.pop(0)
+    res = json.loads((BENCH / "results.json").read_text())
+    res["benchmarks"].pop("gpu", None)
+    assert "## GPU check (CUDA)\n\n`python benchmarks/gpu_check.py`\n\nNot measured: no GPU available." in run_all.render(res)

@@ -72,12 +72,16 @@ def _load_file(path: str, schema: str | None = None, **opts: Any) -> list[Record
     if schema:
         opts.pop("default_kind", None)  # a hub schema decides its kinds itself
         return hub.load_hub_file(schema, path, **opts)
-    plain = list(inspect.signature(files.load_file).parameters)[1:]
+    plain = _plain_file_options()
     bad = sorted(set(opts) - set(plain))
     if bad:
         raise DataError(f"file:{path}: option {bad[0]!r} needs a hub schema (add schema=lmsys|wildchat|beavertails|advbench); "
                         f"plain file options: {', '.join(p for p in plain if p != 'default_kind')}")
     return files.load_file(path, **opts)
+
+
+def _plain_file_options() -> list[str]:
+    return list(inspect.signature(files.load_file).parameters)[1:]
 
 
 def _load_hub_file(arg: str, **opts: Any) -> list[Record]:
@@ -218,6 +222,9 @@ def source_of(spec: str) -> Source:
 
 def spec_options(spec: str) -> tuple[str, ...]:
     """Options the spec's loader accepts (so a caller can pass shared defaults only where they apply)."""
+    p = parse_spec(spec)
+    if p.name == "file" and "schema" not in p.options:  # a plain file takes no hub filters (length limits)
+        return tuple(_plain_file_options())
     return source_of(spec).accepted_options()
 
 

@@ -99,6 +99,12 @@ def latest_complete(run_dir: Path) -> tuple[int, Path] | None:
     return None
 
 
+def saved_rounds(run_dir: Path) -> list[int]:
+    """Rounds that have a checkpoint file (complete or not), ascending."""
+    d = Path(run_dir) / "checkpoints"
+    return sorted(int(m.group(1)) for p in d.iterdir() if (m := _PAT.search(p.name))) if d.exists() else []
+
+
 def prune(run_dir: Path, keep: int, protect: set[int] = frozenset()) -> None:
     """Keep only the newest ``keep`` round checkpoints (0 keeps all)."""
     if keep <= 0:

@@ -29,6 +29,7 @@ from ..errors import FedsafeError
 from ..io import append_jsonl, read_jsonl, write_jsonl
 from ..runtime import Runtime, get_runtime
 from . import checkpoint, coalition
+from .client_state import ClientStateStore
 from .server_opt import ScaffoldState, ServerOptimizer
 from .train import lr_at_round, train_local
 from .updates import RejectedUpdate, validate_state
@@ -57,7 +58,8 @@ def sample_clients(seed: int, rnd: int, num_clients: int, m: int, malicious: lis
     rng = random.Random(derive_seed(seed, rnd, 7))
     if mode == "stratified" and malicious:
         n_mal = round(m * len(malicious) / num_clients) if per_round is None else per_round
-        benign = [i for i in range(num_clients) if i not in set(malicious)]
+        bad = set(malicious)  # once: a set per client made this O(K * |malicious|) per round
+        benign = [i for i in range(num_clients) if i not in bad]
         chosen = rng.sample(malicious, min(n_mal, len(malicious))) + rng.sample(benign, m - min(n_mal, len(malicious)))
         return sorted(chosen)
     return sorted(rng.sample(range(num_clients), m))
@@ -92,7 +94,8 @@ class Engine:
         self.server = ServerOptimizer(fl.fed_alg, fl.server_lr, fl.server_momentum, fl.beta1, fl.beta2, fl.tau)
         self.scaffold: ScaffoldState | None = None
         self.agg_state: dict = {}
-        self.client_opt: dict[int, dict] = {}
+        # per-client state lives on disk, written only for the clients that trained (see fl/client_state.py)
+        self.client_opt = ClientStateStore(self.run_dir, "adamw", "optim")
         self.global_vec: torch.Tensor = self.rt.init_vec(cfg.seed)
         self.start_round = 0
         self.agg_params = dict(fl.aggregator_params)
@@ -102,7 +105,7 @@ class Engine:
                                     else round(fl.sample_clients * len(self.malicious) / self.K))
         self.rule = aggregators.REGISTRY[fl.aggregator]
         if fl.fed_alg == "scaffold":
-            self.scaffold = ScaffoldState(c=torch.zeros_like(self.global_vec))
+            self.scaffold = self._new_scaffold(torch.zeros_like(self.global_vec))
         self.root_fn = None  # set by callers that need a server root update (FLTrust)
         self.probe_fn = None  # set by callers for behaviour-scoring rules (safety_probe)
         self.classifier_fn = None  # set by callers for rules that score updates with a classifier (update_classifier)
@@ -112,24 +115,33 @@ class Engine:
         self.ref_examples = coalition.reference_shards(self) if self._attack_knowledge() == "estimate" else []
 
     # ------------------------------------------------------------------ state
+    def _new_scaffold(self, c: torch.Tensor) -> ScaffoldState:
+        return ScaffoldState(c=c, ci=ClientStateStore(self.run_dir, "scaffold_ci", "tensor"))
+
+    def _client_stores(self) -> list[ClientStateStore]:
+        return [self.client_opt] + ([self.scaffold.ci] if self.scaffold else [])
+
     def state_dict(self, rnd: int) -> dict:
+        """Everything the next round depends on; per-client states appear as an index into client_state/."""
         return {
             "round": rnd,
             "global": self.global_vec.clone(),
             "server": self.server.state_dict(),
-            "scaffold": self.scaffold.state_dict() if self.scaffold else None,
+            "scaffold": {"c": self.scaffold.c.clone(), "ci": self.scaffold.ci.state_dict()} if self.scaffold else None,
             "agg_state": self.agg_state,
-            "client_opt": self.client_opt if not self.cfg.fl.reset_optimizer else {},
+            "client_opt": self.client_opt.state_dict() if not self.cfg.fl.reset_optimizer else {},
         }
 
     def load_state_dict(self, sd: dict) -> None:
+        rnd = int(sd["round"])
         self.global_vec = sd["global"].clone()
         self.server.load_state_dict(sd["server"])
         if sd.get("scaffold"):
-            self.scaffold = ScaffoldState.from_state_dict(sd["scaffold"])
+            self.scaffold = self._new_scaffold(sd["scaffold"]["c"].clone())
+            self.scaffold.ci.load_state_dict(sd["scaffold"].get("ci"), rnd)
         self.agg_state = sd.get("agg_state") or {}
-        self.client_opt = sd.get("client_opt") or {}
-        self.start_round = int(sd["round"]) + 1
+        self.client_opt.load_state_dict(sd.get("client_opt"), rnd)
+        self.start_round = rnd + 1
 
     def try_resume(self) -> int:
         """Load the newest complete checkpoint; drop metrics lines of rounds after it. Returns next round."""
@@ -168,7 +180,7 @@ class Engine:
             prefix_fn=self._prefix_fn(cid) if self.use_prefix else None, first_layer=self.first_layer,
         )
         if not fl.reset_optimizer:
-            self.client_opt[cid] = opt_state
+            self.client_opt[cid] = opt_state  # kept for this client's next round (written with this round)
         y = rt.handle.get_flat()
         if cid in self.malicious:
             y = self._malicious_behaviour(y, gen)
@@ -257,6 +269,8 @@ class Engine:
     def run_round(self, rnd: int) -> dict:
         fl = self.cfg.fl
         t0 = time.time()
+        for store in self._client_stores():
+            store.round = rnd
         lr = lr_at_round(rnd, fl.rounds, fl.lr, fl.lr_min, fl.lr_schedule)
         sampled = sample_clients(self.cfg.seed, rnd, self.K, fl.sample_clients, self.malicious, fl.sampling,
                                  fl.malicious_per_round)
@@ -280,7 +294,8 @@ class Engine:
             losses[cid] = m["loss"]
             if self.scaffold is not None:
                 dcs.append(self.scaffold.client_update(cid, self.global_vec, vec, fl.local_steps, lr))
-        row = {"round": rnd, "lr": lr, "sampled": sampled, "malicious": [c for c in sampled if c in self.malicious],
+        bad = set(self.malicious)
+        row = {"round": rnd, "lr": lr, "sampled": sampled, "malicious": [c for c in sampled if c in bad],
                "client_loss": {str(k): v for k, v in losses.items()}}
         if rejected:
             row["rejected"] = {str(k): v for k, v in rejected.items()}
@@ -302,12 +317,18 @@ class Engine:
             extra = self.round_callback(rnd, self.global_vec)
             if extra:
                 row.update(extra)
+        for store in self._client_stores():
+            store.flush()  # before the metrics line: a round that counts as done has its client states on disk
         row["seconds"] = round(time.time() - t0, 3)
         append_jsonl(self.run_dir / "metrics.jsonl", row)
         last = rnd == fl.rounds - 1
         if last or (rnd + 1) % fl.checkpoint_every == 0:
             checkpoint.save(self.run_dir, rnd, self.state_dict(rnd))
             checkpoint.prune(self.run_dir, fl.keep_checkpoints)
+            if fl.keep_checkpoints > 0:  # keep-all keeps every client-state file too: any checkpoint may need it
+                kept = checkpoint.saved_rounds(self.run_dir)
+                for store in self._client_stores():
+                    store.collect(kept[0] if kept else None)
         return row
 
     def _aggregate(self, rnd: int, ids: list[int], vecs: list[torch.Tensor], row: dict) -> None:
@@ -332,7 +353,7 @@ class Engine:
         row["client_weights"] = {str(c): float(v) for c, v in zip(ids, res.client_weights)}
         row["agg_norm"] = float(agg.norm())
         append_jsonl(self.run_dir / "forensics.jsonl", {
-            "round": rnd, "clients": ids, "malicious": [c in self.malicious for c in ids],
+            "round": rnd, "clients": ids, "malicious": [c in set(self.malicious) for c in ids],
             "norms": fx["norms"], "cosine": fx["cosine"], "client_weights": [float(v) for v in res.client_weights],
             "aggregator": fl.aggregator, "info": res.info,
         })
