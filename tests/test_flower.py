@@ -108,14 +108,14 @@ def rows(d: Path, name: str = "metrics.jsonl") -> list[dict]:
 
 
 def in_process(tmp_path: Path, config: str, overrides: list[str], name: str = "inproc") -> Path:
-    from fedsafe.fl.run import start_run
+    from fedsafe.pipeline import start_run
 
     return start_run(load_config(config, overrides), tmp_path / name, progress=False, evaluate=False)
 
 
 # --------------------------------------------------------------------------------------------- units
 def test_core_does_not_import_flower():
-    code = ("import sys, fedsafe, fedsafe.cli, fedsafe.fl.run, fedsafe.flower, fedsafe.flower.sim; "
+    code = ("import sys, fedsafe, fedsafe.cli, fedsafe.pipeline, fedsafe.flower, fedsafe.flower.sim; "
             "bad = [m for m in sys.modules if m == 'flwr' or m.startswith('flwr.')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
@@ -311,7 +311,8 @@ def _instr(reply: Message) -> Message:
 ])
 def test_aggregate_train_drops_malformed_reply(tmp_path, task_identity, kind, needle):
     """A malformed reply is reported by node id and dropped; the round aggregates the other client."""
-    from fedsafe.fl.run import build_engine, write_run_header
+    from fedsafe.pipeline import build_engine
+    from fedsafe.rundir import write_run_header
     from fedsafe.flower import client_app
     from fedsafe.flower.strategy import FedsafeStrategy
 
@@ -351,7 +352,7 @@ def test_aggregate_train_drops_malformed_reply(tmp_path, task_identity, kind, ne
 
 
 def test_reply_from_unexpected_node_is_ignored(tmp_path, task_identity):
-    from fedsafe.fl.run import build_engine
+    from fedsafe.pipeline import build_engine
     from fedsafe.flower import client_app
     from fedsafe.flower.strategy import FedsafeStrategy
 

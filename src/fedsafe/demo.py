@@ -16,8 +16,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .config import RunConfig, load_config
+from .config import RunConfig, dump_yaml, load_config
 from .io import atomic_write_json, atomic_write_text
+from .pipeline import build_engine, defend, evaluate_run, resume_run, start_run
+from .report.render import render
 
 console = Console(stderr=True)
 
@@ -51,10 +53,6 @@ def scenario_configs(base: RunConfig, rules=ROBUST) -> list[tuple[str, str, RunC
 def _reference_rows(base: RunConfig, runs: Path, progress: bool) -> list[Path]:
     """Rows for the model before federation: as shipped, and (with init.adapter=align) after the server's
     safety alignment, evaluated on the same held-out sets."""
-    from .config import dump_yaml
-    from .eval.runner import evaluate_run
-    from .fl.run import build_engine
-
     out = []
     clean = scenario_configs(base)[0][2]
     eng = None
@@ -80,10 +78,6 @@ def _reference_rows(base: RunConfig, runs: Path, progress: bool) -> list[Path]:
 
 def run_demo(preset: str = "demo", overrides: list[str] | None = None, out_dir: str | Path | None = None, *,
              quick: bool = False, levels=(1, 2), progress: bool = True) -> Path:
-    from .defense.finetune import defend_run
-    from .fl.run import resume_run, start_run
-    from .report.render import render
-
     t_all = time.time()
     base = load_config("demo-quick" if quick and preset == "demo" else preset, overrides)
     root = Path(out_dir) if out_dir else Path(base.output_dir) / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -116,7 +110,7 @@ def run_demo(preset: str = "demo", overrides: list[str] | None = None, out_dir: 
             # the defense settings come from this demo's preset (not the attacked run's copy), so a resumed
             # demo picks up the current preset
             over = {k: getattr(base.defense, k) for k in ("n_generated", "gen_max_new_tokens", "generator")}
-            defend_run(attacked, level=lvl, out=d, progress=progress, cfg_overrides=over)
+            defend(attacked, level=lvl, out=d, progress=progress, cfg_overrides=over)
         atomic_write_text(d / "label.txt", label + "\n")
         timings[f"defense_L{lvl}"] = round(time.time() - t0, 1)
         run_dirs.append(d)

@@ -27,10 +27,11 @@ from .. import aggregators
 from ..config import RunConfig
 from ..errors import FedsafeError
 from ..io import append_jsonl, read_jsonl, write_jsonl
+from ..lm import cosine_lr
 from ..runtime import Runtime, get_runtime
 from . import checkpoint
 from .server_opt import ScaffoldState, ServerOptimizer
-from .train import lr_at_round, train_local
+from .train import train_local
 from .updates import RejectedUpdate, validate_state
 
 UpdateHook = Callable[[int, int, dict], dict]
@@ -61,7 +62,7 @@ def sample_clients(seed: int, rnd: int, num_clients: int, m: int, malicious: lis
 
 
 class Engine:
-    """Runs one federation into ``run_dir``. Use :meth:`fedsafe.fl.run.start_run` / ``resume_run``."""
+    """Runs one federation into ``run_dir``. Use :func:`fedsafe.pipeline.start_run` / ``resume_run``."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, fed, rt: Runtime | None = None, *,
                  progress: bool = True, update_hook: UpdateHook | None = None,
@@ -237,7 +238,7 @@ class Engine:
     def run_round(self, rnd: int) -> dict:
         fl = self.cfg.fl
         t0 = time.time()
-        lr = lr_at_round(rnd, fl.rounds, fl.lr, fl.lr_min, fl.lr_schedule)
+        lr = cosine_lr(rnd, fl.rounds, fl.lr, fl.lr_min, fl.lr_schedule)
         sampled = sample_clients(self.cfg.seed, rnd, self.K, fl.sample_clients, self.malicious, fl.sampling)
         vecs, ids, losses, rejected, dcs = [], [], {}, {}, []
         for cid, sd, m in self._client_updates(sampled, rnd, lr):

@@ -82,7 +82,7 @@ def partition_id(node_config, num_clients: int) -> int:
 def client_engine(cfg):
     """An :class:`~fedsafe.fl.engine.Engine` for training only (no monitor, no server-side pieces), cached."""
     from ..config import dump_yaml
-    from ..fl.run import build_engine
+    from ..pipeline import build_engine
 
     key = dump_yaml(cfg)
     eng = _ENGINES.get(key)

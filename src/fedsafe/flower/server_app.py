@@ -4,12 +4,12 @@ Reads the fedsafe configuration from the run config (``fedsafe-config``, ``overr
 ``[tool.flwr.app.config]`` in ``flower-app/pyproject.toml``), creates the run directory, and runs the
 federation with :class:`fedsafe.flower.strategy.FedsafeStrategy` on a server-side
 :class:`fedsafe.fl.engine.Engine`. The run directory has the layout of ``fedsafe run``
-(:mod:`fedsafe.fl.run`): ``config.yaml``, ``clients.json``, ``data_manifest.json``, ``metrics.jsonl``,
+(:mod:`fedsafe.rundir`): ``config.yaml``, ``clients.json``, ``data_manifest.json``, ``metrics.jsonl``,
 ``forensics.jsonl``, ``checkpoints/``, ``final_adapter/``, ``train_summary.json`` and, after the final
 evaluation, ``eval/`` and ``results.json``; plus ``flower.json`` (which node held which client, nodes
 with a bad node config, rejected replies per round). With ``defense.enabled`` the paper's post-hoc
-defense (Ye et al., ICLR 2025, §5) runs after the last round via
-:func:`fedsafe.defense.finetune.defend_run` into a sibling directory named in ``flower.json``.
+defense (Ye et al., ICLR 2025, §5) runs after the last round into a sibling directory named in
+``flower.json``: both steps are :func:`fedsafe.pipeline.finish_run`, as for ``fedsafe run``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,10 @@ from flwr.app import ArrayRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
+from ..config import RunConfig
 from ..io import atomic_write_json
+from ..pipeline import build_engine, finish_run, save_final
+from ..rundir import new_run_dir, write_run_header
 from . import as_bool, check_supported, load_run_cfg, run_config_value
 from .strategy import FedsafeStrategy
 
@@ -39,11 +42,9 @@ def main(grid: Grid, context: Context) -> None:
                round_timeout_s=float(run_config_value(rc, "round-timeout-s")))
 
 
-def run_server(grid: Grid, cfg, run_dir: str | Path | None = None, *, evaluate: bool = True,
+def run_server(grid: Grid, cfg: RunConfig, run_dir: str | Path | None = None, *, evaluate: bool = True,
                node_wait_s: float = 120.0, round_timeout_s: float = 3600.0) -> Path:
     """Run the federation described by ``cfg`` over ``grid``; returns the run directory."""
-    from ..fl.run import build_engine, new_run_dir, write_run_header
-
     check_supported(cfg)
     d = new_run_dir(cfg, run_dir)  # an existing empty directory is fine; a non-empty one is refused
     d = d.resolve()
@@ -65,22 +66,12 @@ def run_server(grid: Grid, cfg, run_dir: str | Path | None = None, *, evaluate: 
     except BaseException as e:
         write_info(status="failed", error=f"{type(e).__name__}: {e}")
         raise
-    final = eng.global_vec
-    eng.rt.handle.save_adapter(d / "final_adapter", final)
-    atomic_write_json(d / "train_summary.json", {"rounds": cfg.fl.rounds, "seconds_this_session": time.time() - t0,
-                                                  "adapter_numel": int(final.numel()), "engine": "flower"})
+    save_final(eng, eng.global_vec, t0, engine="flower")
     write_info(status="trained")
-    if evaluate:
-        from ..eval.runner import evaluate_run
-
-        log(INFO, "fedsafe: evaluating the final adapter")
-        evaluate_run(d, cfg=cfg, fed=eng.fed, rt=eng.rt, progress=False)
-    if cfg.defense.enabled:
-        from ..defense.finetune import defend_run
-
-        log(INFO, "fedsafe: post-hoc defense (level %d, %d steps)", cfg.defense.level, cfg.defense.steps)
-        out = defend_run(d, progress=False, evaluate=evaluate)
-        write_info(defense_run=str(out))
+    done = finish_run(d, cfg, eng.fed, eng.rt, evaluate=evaluate, progress=False,
+                      say=lambda line: log(INFO, "fedsafe: %s", line))
+    if done.defense_dir is not None:
+        write_info(defense_run=str(done.defense_dir))
     write_info(status="finished")
     log(INFO, "fedsafe: finished %s", d)
     return d

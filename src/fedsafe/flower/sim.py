@@ -219,7 +219,7 @@ def run_flower_sim(config: str, overrides: list[str] | None = None, run_dir: str
     streamed Flower log ``flower_sim.log``).
     """
     from ..config import load_config
-    from ..fl.run import new_run_dir
+    from ..rundir import new_run_dir
 
     require_flower(simulation=True)
     overrides = list(overrides or [])
