@@ -130,8 +130,10 @@ def test_lower_layers_never_import_upper_ones():
             dst = _room(target)
             if src and dst and src != dst:
                 if rank[dst] > rank[src] or (src, dst) in INDEPENDENT or (dst, src) in INDEPENDENT:
-                    bad.append(f"{path.relative_to(SRC)}:{line}: {src} (layer {rank[src]}) imports {target} "
-                               f"(layer {rank[dst]})")
+                    bad.append(
+                        f"{path.relative_to(SRC)}:{line}: {src} (layer {rank[src]}) imports {target} "
+                        f"(layer {rank[dst]})"
+                    )
     assert not bad, "\n".join(bad)
 
 
@@ -154,8 +156,9 @@ def test_the_cycle_check_sees_a_new_cycle():
     assert _cycles({"a": {"b"}, "b": set()}) == []
 
 
-@pytest.mark.parametrize("mod", sorted(m for m in MODS if not m.startswith(f"{PKG}.flower.")
-                                       or m.removeprefix(f"{PKG}.flower.") == "sim"))
+@pytest.mark.parametrize(
+    "mod", sorted(m for m in MODS if not m.startswith(f"{PKG}.flower.") or m.removeprefix(f"{PKG}.flower.") == "sim")
+)
 def test_every_module_imports(mod):
     importlib.import_module(mod)
 
@@ -169,9 +172,11 @@ def test_flower_app_modules_import():
 def test_each_room_imports_on_its_own():
     """Import order cannot hide a cycle: every room imports first, in a fresh interpreter."""
     rooms = sorted({f"{PKG}.{_room(m)}" for m in MODS if _room(m) and _room(m) != "flower"})
-    code = ("import importlib, sys\n"
-            "for m in sys.argv[1:]:\n"
-            "    for k in [k for k in sys.modules if k == 'fedsafe' or k.startswith('fedsafe.')]:\n"
-            "        del sys.modules[k]\n"
-            "    importlib.import_module(m)\n")
+    code = (
+        "import importlib, sys\n"
+        "for m in sys.argv[1:]:\n"
+        "    for k in [k for k in sys.modules if k == 'fedsafe' or k.startswith('fedsafe.')]:\n"
+        "        del sys.modules[k]\n"
+        "    importlib.import_module(m)\n"
+    )
     subprocess.run([sys.executable, "-c", code, *rooms], check=True, timeout=300)

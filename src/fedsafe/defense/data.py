@@ -53,7 +53,7 @@ def reserve(cfg: RunConfig, fed: Federation) -> list[Record]:
     return out
 
 
-def level1(fed, aligned_spec: str, normal_spec: str, n: int, aligned_ratio: float, seed: int) -> tuple[list[Record], dict]:
+def level1(fed: Federation, aligned_spec: str, normal_spec: str, n: int, aligned_ratio: float, seed: int) -> tuple[list[Record], dict]:
     na, nn = split_counts(n, aligned_ratio)
     pa = [r for r in fed.heldout.get(aligned_spec, []) if r.kind == "aligned"]
     pn = [r for r in fed.heldout.get(normal_spec, []) if r.kind == "normal"]

@@ -25,6 +25,7 @@ import torch
 
 from .. import aggregators
 from ..config import RunConfig
+from ..data.partition import Federation
 from ..errors import FedsafeError
 from ..io import append_jsonl, read_jsonl, write_jsonl
 from ..lm import cosine_lr
@@ -64,7 +65,7 @@ def sample_clients(seed: int, rnd: int, num_clients: int, m: int, malicious: lis
 class Engine:
     """Runs one federation into ``run_dir``. Use :func:`fedsafe.pipeline.start_run` / ``resume_run``."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, fed, rt: Runtime | None = None, *,
+    def __init__(self, cfg: RunConfig, run_dir: Path, fed: Federation, rt: Runtime | None = None, *,
                  progress: bool = True, update_hook: UpdateHook | None = None,
                  round_callback: Callable[[int, torch.Tensor], dict | None] | None = None):
         self.cfg = cfg
