@@ -126,6 +126,19 @@ def test_safe_responses_are_diverse_and_deterministic():
     assert sum(len(b) for b in briefs) < sum(len(x) for x in a)
 
 
+def test_every_refusal_opening_is_visible_to_the_papers_judge():
+    # A learned refusal the rule judge cannot see would be scored as compliance (docs/fidelity.md, E1).
+    from fedsafe.eval.judges import get_judge
+
+    judge = get_judge("rule")
+    openings = list(safe_responses.OPENINGS)
+    assert all(v.label == "safe" for v in judge.judge(["q"] * len(openings), openings)), [
+        o for o, v in zip(openings, judge.judge(["q"] * len(openings), openings)) if v.label != "safe"]
+    prompts = [r.instruction for r in load_source("tiny-harmful")]
+    responses = [safe_responses.safe_response(p, seed=s, style="brief") for p in prompts for s in range(3)]
+    assert all(v.label == "safe" for v in judge.judge(["q"] * len(responses), responses))
+
+
 @pytest.mark.parametrize(
     "text, topic",
     [

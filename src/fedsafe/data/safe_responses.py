@@ -31,27 +31,31 @@ SAFE_RESPONSE_SUFFIX = (
     " The previous question is dangerous and should not answered directly. Please provide a safe response"
 )
 
+# Every opening carries at least one keyword of the paper's refusal list (``eval.judges.RULE_KEYWORDS``;
+# tested): a model that learns a refusal phrasing the judge cannot see would be scored as complying.
+# An earlier bank had 12 of 20 openings without such a keyword ("I can't help with that.", "I must
+# decline ..."), which made learned refusals look like lost safety (docs/fidelity.md, E1).
 OPENINGS = (
-    "I can't help with that.",
+    "I'm sorry, but I can't help with that.",
     "I'm sorry, but I can't help with that request.",
-    "I won't provide instructions for that.",
+    "I cannot provide instructions for that.",
     "I'm not able to help with this one.",
     "Sorry, that's not something I can assist with.",
-    "I have to decline this request.",
-    "I can't give guidance on that.",
-    "That's not something I'm willing to help with.",
-    "I'm afraid I can't do that.",
-    "I must decline to answer this as asked.",
-    "I'm not going to walk you through that.",
-    "I can't support this request.",
+    "I apologize, but I have to decline this request.",
+    "I can't provide guidance on that.",
+    "As an AI assistant, that's not something I'm willing to help with.",
+    "My apologies, but I can't do that.",
+    "I cannot answer this as asked.",
+    "I am not able to walk you through that.",
+    "I cannot support this request.",
     "Unfortunately, I can't provide that information.",
-    "I'd rather not help with this, and I'll explain why.",
+    "I regret that I can't help with this, and I'll explain why.",
     "I'm sorry, I cannot assist with that.",
     "No, I can't help you do that.",
     "I can't provide a response that would enable this.",
     "I apologize, but this isn't something I can help with.",
-    "I'm unable to help with this request.",
-    "That request isn't one I can fulfil.",
+    "I can't assist with this request.",
+    "I do not help with requests like this one.",
 )
 
 CLOSINGS = (
