@@ -75,6 +75,24 @@ def test_sampling_seeded_and_reproducible():
     assert all(sum(c in (7, 8, 9) for c in s) == 1 for s in strat)
 
 
+@pytest.mark.parametrize("dose", [0, 1, 2, 3])
+def test_stratified_dose_sets_malicious_per_round(dose):
+    rounds = [sample_clients(0, r, 10, 3, [7, 8, 9], "stratified", dose) for r in range(20)]
+    assert all(len(set(s)) == 3 and sum(c in (7, 8, 9) for c in s) == dose for s in rounds)
+
+
+def test_malicious_per_round_is_validated():
+    from fedsafe.config import load_config
+    from fedsafe.errors import ConfigError
+
+    base = ["fl.sample_clients=3"]
+    with pytest.raises(ConfigError, match="needs fl.sampling: stratified"):
+        load_config("demo", base + ["fl.malicious_per_round=1", "fl.sampling=random"])
+    with pytest.raises(ConfigError, match="integer in \\[0, 3\\]"):
+        load_config("demo", base + ["fl.malicious_per_round=4"])
+    assert load_config("demo", base + ["fl.malicious_per_round=3"]).fl.malicious_per_round == 3
+
+
 def test_batch_plan_wraps_and_is_seeded():
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     p1, p2 = batch_plan(5, 3, 4, 1, g1), batch_plan(5, 3, 4, 1, g2)

@@ -71,6 +71,7 @@ class FLConfig:
     tau: float = 1e-3
     prox_mu: float = 0.01  # FedProx
     sampling: str = "random"  # random (seeded per round) | stratified (same share of malicious each round)
+    malicious_per_round: int | None = None  # stratified only: exactly this many malicious clients per round (dose)
     checkpoint_every: int = 1  # rounds
     keep_checkpoints: int = 0  # 0 keeps all
     max_update_norm: float = 1e6  # absurd-norm guard for client updates
@@ -471,6 +472,17 @@ def validate(cfg: RunConfig) -> None:
             f"fl.sample_clients ({cfg.fl.sample_clients}) exceeds the number of clients ({k}, the sum of "
             "data.groups[*].clients)"
         )
+    mpr = cfg.fl.malicious_per_round
+    if mpr is not None:
+        n_mal_clients = sum(g.clients for g in cfg.data.groups if g.malicious)
+        if cfg.fl.sampling != "stratified":
+            raise ConfigError("fl.malicious_per_round needs fl.sampling: stratified")
+        if not isinstance(mpr, int) or isinstance(mpr, bool) or not 0 <= mpr <= min(cfg.fl.sample_clients, n_mal_clients):
+            raise ConfigError(f"fl.malicious_per_round must be an integer in [0, {min(cfg.fl.sample_clients, n_mal_clients)}] "
+                              f"(sampled clients per round and malicious clients), got {mpr!r}")
+        if cfg.fl.sample_clients - mpr > k - n_mal_clients:
+            raise ConfigError(f"fl.malicious_per_round={mpr} leaves {cfg.fl.sample_clients - mpr} benign slots per round "
+                              f"but only {k - n_mal_clients} benign clients exist")
     if not 0 <= cfg.attack.benign_mix < 1:
         raise ConfigError(f"attack.benign_mix must be in [0, 1), got {cfg.attack.benign_mix}")
     if cfg.defense.level not in (1, 2, 3):
@@ -482,7 +494,7 @@ def validate(cfg: RunConfig) -> None:
     params = dict(cfg.fl.aggregator_params)
     n_mal = sum(g.clients for g in cfg.data.groups if g.malicious)
     if cfg.fl.oracle and "f" not in params and "f" in aggregators.base.get_spec(cfg.fl.aggregator).params:
-        params["f"] = round(cfg.fl.sample_clients * n_mal / max(k, 1))
+        params["f"] = mpr if mpr is not None else round(cfg.fl.sample_clients * n_mal / max(k, 1))
     aggregators.check_params(cfg.fl.aggregator, cfg.fl.sample_clients, params)
 
 

@@ -52,10 +52,13 @@ def derive_seed(*parts: int) -> int:
     return h
 
 
-def sample_clients(seed: int, rnd: int, num_clients: int, m: int, malicious: list[int], mode: str) -> list[int]:
+def sample_clients(seed: int, rnd: int, num_clients: int, m: int, malicious: list[int], mode: str,
+                   per_round: int | None = None) -> list[int]:
+    """The ``m`` clients of round ``rnd``. ``stratified`` samples ``per_round`` malicious clients (default: their
+    share of ``m``, rounded) and fills the rest with benign ones."""
     rng = random.Random(derive_seed(seed, rnd, 7))
     if mode == "stratified" and malicious:
-        n_mal = round(m * len(malicious) / num_clients)
+        n_mal = round(m * len(malicious) / num_clients) if per_round is None else per_round
         benign = [i for i in range(num_clients) if i not in set(malicious)]
         chosen = rng.sample(malicious, min(n_mal, len(malicious))) + rng.sample(benign, m - min(n_mal, len(malicious)))
         return sorted(chosen)
@@ -97,7 +100,8 @@ class Engine:
         self.agg_params = dict(fl.aggregator_params)
         if fl.oracle and "f" not in self.agg_params and "f" in aggregators.base.get_spec(fl.aggregator).params:
             # the paper's Krum/DnC were told round(m * malicious / K): oracle knowledge, opt-in only
-            self.agg_params["f"] = round(fl.sample_clients * len(self.malicious) / self.K)
+            self.agg_params["f"] = (fl.malicious_per_round if fl.malicious_per_round is not None
+                                    else round(fl.sample_clients * len(self.malicious) / self.K))
         self.rule = aggregators.REGISTRY[fl.aggregator]
         if fl.fed_alg == "scaffold":
             self.scaffold = ScaffoldState(c=torch.zeros_like(self.global_vec))
@@ -240,7 +244,8 @@ class Engine:
         fl = self.cfg.fl
         t0 = time.time()
         lr = cosine_lr(rnd, fl.rounds, fl.lr, fl.lr_min, fl.lr_schedule)
-        sampled = sample_clients(self.cfg.seed, rnd, self.K, fl.sample_clients, self.malicious, fl.sampling)
+        sampled = sample_clients(self.cfg.seed, rnd, self.K, fl.sample_clients, self.malicious, fl.sampling,
+                                 fl.malicious_per_round)
         vecs, ids, losses, rejected, dcs = [], [], {}, {}, []
         for cid, sd, m in self._client_updates(sampled, rnd, lr):
             if self.update_hook is not None:

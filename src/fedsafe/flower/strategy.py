@@ -160,7 +160,8 @@ class FedsafeStrategy(FedAvg):
         rnd = self._rnd(server_round)
         t0 = time.time()
         lr = cosine_lr(rnd, fl.rounds, fl.lr, fl.lr_min, fl.lr_schedule)
-        sampled = sample_clients(eng.cfg.seed, rnd, eng.K, fl.sample_clients, eng.malicious, fl.sampling)
+        sampled = sample_clients(eng.cfg.seed, rnd, eng.K, fl.sample_clients, eng.malicious, fl.sampling,
+                                 fl.malicious_per_round)
         want = range(eng.K) if not self._waited else ()
         missing = self.map_nodes(grid, want, self.node_wait_s if not self._waited else 0.0)
         if missing and not self._waited:
