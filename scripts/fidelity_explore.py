@@ -44,7 +44,7 @@ def main(argv=None) -> None:
     ap.add_argument("--tag", required=True)
     ap.add_argument("--preset", default="demo")
     ap.add_argument("--scenarios", default="start,clean,attack",
-                    help="comma list of: start, clean, attack, attack_<rule>")
+                    help="comma list of: start, clean, attack, attack_<rule>, dose<k> (k malicious per round)")
     ap.add_argument("--note", default="")
     ap.add_argument("--log", default=str(ROOT / "docs" / "fidelity_runs.jsonl"))
     ap.add_argument("overrides", nargs="*")
@@ -54,6 +54,10 @@ def main(argv=None) -> None:
     scen = {slug: cfg for slug, _, cfg in scenario_configs(base, rules=[])}
     wanted = a.scenarios.split(",")
     for w in wanted:
+        if w.startswith("dose"):  # attacked FedAvg with exactly k malicious clients in every round
+            c = copy.deepcopy(base)
+            c.fl.sampling, c.fl.malicious_per_round = "stratified", int(w[4:])
+            scen[w] = dataclasses.replace(c, name=w).validate()
         if w.startswith("attack_") and w not in scen:
             c = copy.deepcopy(base)
             c.fl.aggregator = w[len("attack_"):]

@@ -30,7 +30,7 @@ LAYERS: list[set[str]] = [
     {"fl", "attack", "eval"},
     {"defense", "report"},
     {"pipeline"},
-    {"flower", "cli", "demo", "sweep"},
+    {"flower", "cli", "demo", "sweep", "forensic_pass"},
 ]
 # Rooms of one layer that must not know each other at all (the engine never evaluates or defends).
 INDEPENDENT = [("fl", "eval")]

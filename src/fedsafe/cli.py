@@ -306,6 +306,24 @@ def report_cmd(
     out.print(str(d / "index.html"))
 
 
+@app.command("compare")
+def compare_cmd(
+    run_a: str = typer.Argument(..., help="Run directory A (several seeds: RUN_A1,RUN_A2,...)."),
+    run_b: str = typer.Argument(..., help="Run directory B, evaluated on the same prompts (seeds as for A)."),
+    judge: Optional[str] = typer.Option(None, "--judge", help="Re-judge the stored responses with this judge (default: the runs' own verdicts)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the paired bootstrap."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Paired comparison on the same prompts: rates, A − B with 95% CI, discordant counts, exact McNemar p."""
+    import json as _json
+
+    from . import pipeline
+    from .eval.compare import format_comparison
+
+    res = pipeline.paired(run_a, run_b, judge=judge, seed=seed)
+    typer.echo(_json.dumps(res, indent=2) if as_json else format_comparison(res))
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)

@@ -17,6 +17,8 @@ from pathlib import Path
 from rich.console import Console
 
 from .config import RunConfig, dump_yaml, load_config
+from .forensic_pass import FILE
+from .forensic_pass import forensic_pass as run_forensic_pass
 from .io import atomic_write_json, atomic_write_text
 from .pipeline import build_engine, defend, evaluate_run, resume_run, start_run
 from .report.render import render
@@ -77,7 +79,9 @@ def _reference_rows(base: RunConfig, runs: Path, progress: bool) -> list[Path]:
 
 
 def run_demo(preset: str = "demo", overrides: list[str] | None = None, out_dir: str | Path | None = None, *,
-             quick: bool = False, levels=(1, 2), progress: bool = True) -> Path:
+             quick: bool = False, levels=(1, 2), progress: bool = True, forensic_pass: bool = False) -> Path:
+    """``forensic_pass``: train every client once from the attacked FedAvg's final adapter, so the report's
+    cosine heat-map shows every pair (the paper's Fig. 3a); costs about K/m rounds of training."""
     t_all = time.time()
     base = load_config("demo-quick" if quick and preset == "demo" else preset, overrides)
     root = Path(out_dir) if out_dir else Path(base.output_dir) / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -101,6 +105,12 @@ def run_demo(preset: str = "demo", overrides: list[str] | None = None, out_dir: 
         timings[slug] = round(time.time() - t0, 1)
         run_dirs.append(d)
     attacked = root / "runs" / "attack_fedavg"
+    if forensic_pass:
+        t0 = time.time()
+        if not (attacked / FILE).exists():
+            console.rule("[bold]forensic pass: every client once from the attacked FedAvg's final adapter")
+            run_forensic_pass(attacked, progress=progress)
+        timings["forensic_pass"] = round(time.time() - t0, 1)
     for lvl in levels:
         d = root / "runs" / f"attack_fedavg_defense_L{lvl}"
         t0 = time.time()

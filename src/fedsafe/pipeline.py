@@ -35,6 +35,7 @@ from .defense.finetune import defend_run, inline_defense_hook
 from .defense.probe import make_probe_fn
 from .defense.root import make_root_fn
 from .errors import FedsafeError
+from .eval.compare import compare_runs
 from .eval.runner import evaluate_run, make_monitor
 from .fl.engine import Engine, rule_needs
 from .io import atomic_write_json
@@ -51,6 +52,7 @@ __all__ = [
     "evaluate",
     "evaluate_run",
     "finish_run",
+    "paired",
     "resume",
     "resume_run",
     "run",
@@ -250,3 +252,9 @@ def compare(run_dirs: list[str | Path]) -> list[dict]:
     """One table row per scenario (mean ± std over seeds sharing a label) for evaluated run directories,
     the rows ``fedsafe report`` renders."""
     return table_rows([load_run(d) for d in run_dirs])
+
+
+def paired(run_a: str | Path, run_b: str | Path, *, judge: str | None = None, seed: int = 0) -> dict:
+    """``fedsafe compare``: two evaluated runs (or comma-joined seeds of each) prompt by prompt: rates,
+    A - B with a 95% CI, discordant counts and the exact McNemar p (:func:`fedsafe.eval.compare.compare_runs`)."""
+    return compare_runs(run_a, run_b, judge=judge, seed=seed)

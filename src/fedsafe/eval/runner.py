@@ -175,7 +175,8 @@ def make_monitor(cfg: RunConfig, fed: Federation, rt: Runtime,
     benign = fed.probe_benign or fed.eval_benign[:20]
 
     def callback(rnd: int, vec: torch.Tensor) -> dict | None:
-        if (rnd + 1) % m.every and rnd != cfg.fl.rounds - 1:
+        # rnd == -1: the start adapter, before round 0 (Engine.record_start)
+        if rnd >= 0 and (rnd + 1) % m.every and rnd != cfg.fl.rounds - 1:
             return None
         r = evaluate_adapter(rt, vec, harmful, benign, judge=m.judge, max_new_tokens=m.max_new_tokens,
                              batch_size=m.batch_size, seed=cfg.seed)

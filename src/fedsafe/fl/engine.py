@@ -234,11 +234,24 @@ class Engine:
                 TextColumn("{task.fields[info]}")]
         with Progress(*cols, disable=not self.progress, transient=False) as prog:
             task = prog.add_task(self.cfg.name, total=fl.rounds, completed=self.start_round, info="")
+            if self.start_round == 0:
+                self.record_start()
             for rnd in range(self.start_round, fl.rounds):
                 row = self.run_round(rnd)
                 loss = row.get("train_loss")
                 prog.update(task, advance=1, info=f"loss {loss:.3f}" if loss is not None else "skipped")
         return self.global_vec
+
+    def record_start(self) -> None:
+        """Round "0" of the refusal-by-round curve: the monitor's probe evaluation of the start adapter, as
+        a ``metrics.jsonl`` line with ``round: -1`` (rounds are 0-based; the report plots ``round + 1``).
+        Evaluation only reads the adapter and every training seed comes from (seed, round, client), so a
+        resumed run stays bit-identical; a fresh start (no checkpoint) has its metrics cleared and records it again."""
+        if self.round_callback is None:
+            return
+        extra = self.round_callback(-1, self.global_vec)
+        if extra:
+            append_jsonl(self.run_dir / "metrics.jsonl", {"round": -1, "start": True, **extra})
 
     def run_round(self, rnd: int) -> dict:
         fl = self.cfg.fl

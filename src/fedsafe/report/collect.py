@@ -73,3 +73,80 @@ def fmt_rate(row: dict, key: str) -> str:
         return f"{v:.1f} ± {row[f'{key}_std']:.1f}"
     lo, hi = row.get(f"{key}_ci", [None, None])
     return f"{v:.1f} [{lo:.1f}, {hi:.1f}]" if lo is not None else f"{v:.1f}"
+
+
+# The demo's two reference scenarios (demo.py labels them; a plain `fedsafe run` keeps its config name).
+CLEAN_LABELS = ("FedAvg (no attack)", "clean_fedavg")
+ATTACKED_LABELS = ("FedAvg (attack)", "attack_fedavg")
+VS = (("vs_clean", CLEAN_LABELS), ("vs_attacked", ATTACKED_LABELS))
+
+
+def add_comparisons(runs: list[dict], rows: list[dict], seed: int = 0) -> None:
+    """Give every row ``vs_clean`` / ``vs_attacked``: this row minus the reference, paired on the same prompts.
+
+    One run per side: difference [Newcombe 95% CI], discordant counts and exact McNemar p per metric.
+    Several seeds per side: runs paired by config seed, mean difference and the tests on the per-seed
+    differences. A pair that cannot be compared (other prompts, other judge) gets ``{"error": reason}``.
+    """
+    from ..eval.compare import compare_pair, load_evaluated
+    from ..eval.paired import seed_test
+
+    loaded: dict[str, dict] = {}
+
+    def load(r):
+        if r["dir"] not in loaded:
+            loaded[r["dir"]] = load_evaluated(r["dir"])
+        return loaded[r["dir"]]
+
+    by_label: dict[str, list[dict]] = defaultdict(list)
+    for r in runs:
+        by_label[r["label"]].append(r)
+    for col, names in VS:
+        ref_label = next((n for n in names if n in by_label), None)
+        if ref_label is None:
+            continue
+        refs = by_label[ref_label]
+        for row in rows:
+            if row["method"] == ref_label:
+                continue
+            try:
+                row[col] = _compare_group(by_label[row["method"]], refs, load, compare_pair, seed_test, seed)
+            except FedsafeError as e:
+                row[col] = {"error": str(e)}
+            row[col]["reference"] = ref_label
+
+
+def _compare_group(group, refs, load, compare_pair, seed_test, seed) -> dict:
+    if len(group) == 1 and len(refs) == 1:
+        return dict(compare_pair(load(group[0]), load(refs[0]), seed=seed)["metrics"])
+    ref_by_seed = {r["config"].get("seed"): r for r in refs}
+    pairs = [(r, ref_by_seed.get(r["config"].get("seed"))) for r in group]
+    pairs = [(r, s) for r, s in pairs if s is not None]
+    if not pairs:
+        raise FedsafeError("no seed in common with the reference")
+    per_seed = [compare_pair(load(r), load(s), seed=seed)["metrics"] for r, s in pairs]
+    out = {}
+    for key in per_seed[0]:
+        out[key] = dict(seed_test([m[key]["diff"] for m in per_seed if key in m]), per_seed=[m.get(key) for m in per_seed])
+    return out
+
+
+def fmt_vs(row: dict, col: str, key: str = "refusal") -> str:
+    """``-10.0 [-18.1, -2.0] p=0.039`` (one seed) or ``-10.0 ± 3.1, p=0.04 (3 seeds)``; '–' when absent."""
+    c = row.get(col)
+    if not c or "error" in c or key not in c:
+        return "–"
+    m = c[key]
+    if "k" in m:  # across seeds
+        if m["mean"] is None:
+            return "–"
+        sd = "" if m["sd"] is None else f" ± {100 * m['sd']:.1f}"
+        p = m["p_t"] if m["p_t"] is not None else m["p_signflip"]
+        return f"{100 * m['mean']:+.1f}{sd}, p={_fmt_p(p)} ({m['k']} seeds)"
+    return f"{100 * m['diff']:+.1f} [{100 * m['ci_low']:+.1f}, {100 * m['ci_high']:+.1f}] p={_fmt_p(m['p_mcnemar'])}"
+
+
+def _fmt_p(p) -> str:
+    if p is None:
+        return "–"
+    return f"{p:.1e}" if p < 0.001 else f"{p:.3f}"

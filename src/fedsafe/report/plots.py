@@ -21,24 +21,54 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+# Distinct marker / dash / width per line, so that lines which coincide (e.g. FedAvg and FoolsGold when
+# FoolsGold keeps every weight at 1) stay visible: wider solid lines are drawn first, narrower dashed ones on top.
+_STYLES = [("o", "-", 4.0, 9), ("s", "--", 3.2, 7.5), ("^", ":", 2.6, 6.5), ("D", "-.", 2.2, 5.5), ("v", "--", 1.8, 5),
+           ("P", ":", 1.5, 4.5), ("X", "-.", 1.3, 4), ("*", "--", 1.1, 4)]
+
+
 def refusal_by_round(runs: list[dict]) -> bytes | None:
+    """Probe refusal per round, from round 0 (the start adapter, ``round: -1`` in metrics.jsonl) on."""
+    fig = refusal_by_round_figure(runs)
+    return None if fig is None else _png(fig)
+
+
+def refusal_by_round_figure(runs: list[dict]):
+    from matplotlib.ticker import MaxNLocator
+
     series = []
     for r in runs:
-        pts = [(m["round"] + 1, m["probe_refusal"]) for m in r["metrics"] if m.get("probe_refusal") is not None]
+        pts = sorted({m["round"] + 1: m["probe_refusal"] for m in r["metrics"]
+                      if m.get("probe_refusal") is not None}.items())
         if pts:
             series.append((r["label"], pts))
     if not series:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, pts in series:
+    # a legend note for every line hidden under an earlier identical one
+    same: dict[int, list[str]] = {}
+    for i, (_, pts) in enumerate(series):
+        first = next(j for j, (_, q) in enumerate(series) if q == pts)
+        if first != i:
+            same.setdefault(first, []).append(series[i][0])
+    fig, ax = plt.subplots(figsize=(9.5, 4.2))
+    for i, (label, pts) in enumerate(series):
+        marker, dash, width, size = _STYLES[i % len(_STYLES)]
         x, y = zip(*pts)
-        ax.plot(x, [100 * v for v in y], marker="o", label=label)
-    ax.set_xlabel("round")
+        first = next(j for j, (_, q) in enumerate(series) if q == pts)
+        name = label if first == i else f"{label} (= {series[first][0]})"
+        ax.plot(x, [100 * v for v in y], marker=marker, linestyle=dash, linewidth=width, markersize=size,
+                label=name, zorder=2 + i, alpha=0.9)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    xmax = max(p[0] for _, pts in series for p in pts)
+    ax.set_xlim(min(p[0] for _, pts in series for p in pts) - 0.3, xmax + 0.3)
+    ax.set_xlabel("round (0 = start adapter, before federation)")
     ax.set_ylabel("refusal on probe prompts (%)")
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _png(fig)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    if same:
+        ax.set_title("identical curves are drawn on top of each other; the legend marks them with '='", fontsize=8)
+    return fig
 
 
 def methods_bar(runs: list[dict]) -> bytes | None:
@@ -74,40 +104,73 @@ def _forensics(run: dict) -> list[dict]:
     return read_jsonl(p, tolerate_torn_tail=True) if p.exists() else []
 
 
-def cosine_heatmap(runs: list[dict]) -> bytes | None:
-    """Mean pairwise cosine of client updates, over the rounds in which both were sampled."""
-    def attacked(label: str) -> bool:
-        lab = label.lower()
-        return "attack" in lab and "no attack" not in lab and "defense" not in lab
+def _forensics_full(run: dict) -> dict | None:
+    import json
+    from pathlib import Path
 
-    cand = [r for r in runs if "fedavg" in r["label"].lower() and attacked(r["label"])]
-    cand = cand or [r for r in runs if _forensics(r)]
-    for run in cand:
-        rows = _forensics(run)
-        if not rows:
-            continue
-        K = 1 + max(c for f in rows for c in f["clients"])
-        S, C = np.zeros((K, K)), np.zeros((K, K))
-        mal = set()
-        for f in rows:
-            ids = f["clients"]
-            cos = np.array(f["cosine"])
-            for a, i in enumerate(ids):
-                if f["malicious"][a]:
-                    mal.add(i)
-                for b, j in enumerate(ids):
-                    S[i, j] += cos[a, b]
-                    C[i, j] += 1
-        M = np.where(C > 0, S / np.maximum(C, 1), np.nan)
-        fig, ax = plt.subplots(figsize=(5.5, 4.6))
-        im = ax.imshow(M, cmap="viridis", vmin=np.nanmin(M) if np.isfinite(M).any() else -1, vmax=1)
-        ticks = [f"{i}*" if i in mal else str(i) for i in range(K)]
-        ax.set_xticks(range(K), ticks, fontsize=7)
-        ax.set_yticks(range(K), ticks, fontsize=7)
-        ax.set_title(f"update cosine similarity: {run['label']}", fontsize=9)
-        fig.colorbar(im, ax=ax)
-        return _png(fig)
-    return None
+    p = Path(run["dir"]) / "forensics_full.json"  # fedsafe.forensic_pass.FILE
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _sampled_mean_cosine(rows: list[dict]):
+    """Mean pairwise cosine over the rounds in which both clients were sampled (NaN: never met)."""
+    K = 1 + max(c for f in rows for c in f["clients"])
+    S, C = np.zeros((K, K)), np.zeros((K, K))
+    mal = set()
+    for f in rows:
+        ids = f["clients"]
+        cos = np.array(f["cosine"])
+        for a, i in enumerate(ids):
+            if f["malicious"][a]:
+                mal.add(i)
+            for b, j in enumerate(ids):
+                S[i, j] += cos[a, b]
+                C[i, j] += 1
+    return np.where(C > 0, S / np.maximum(C, 1), np.nan), mal
+
+
+def _attacked(label: str) -> bool:
+    lab = label.lower()
+    return "attack" in lab and "no attack" not in lab and "defense" not in lab
+
+
+def cosine_heatmap(runs: list[dict]) -> bytes | None:
+    """Pairwise cosine of client updates: the full matrix of a forensic pass (every client trained once
+    from the same adapter) when a run has one, else the mean over rounds in which both were sampled."""
+    cand = [r for r in runs if "fedavg" in r["label"].lower() and _attacked(r["label"])]
+    cand = cand + [r for r in runs if r not in cand]
+    full = next(((r, f) for r in cand if (f := _forensics_full(r)) is not None), None)
+    if full is not None:
+        run, f = full
+        M, mal = np.array(f["cosine"]), {c for c, m in zip(f["clients"], f["malicious"]) if m}
+        ids = list(f["clients"])
+        where = "final global adapter" if f.get("at") == "final" else "start adapter"
+        title = f"update cosine, every client trained once from the {where}\n{run['label']}"
+    else:
+        run, rows = next(((r, rows) for r in cand if (rows := _forensics(r))), (None, None))
+        if run is None:
+            return None
+        M, mal = _sampled_mean_cosine(rows)
+        ids = list(range(M.shape[0]))
+        title = f"update cosine, mean over rounds both were sampled (blank: never met)\n{run['label']}"
+    K = len(ids)
+    fig, ax = plt.subplots(figsize=(5.8, 5.0))
+    off = M[~np.eye(K, dtype=bool)] if K > 1 else M.ravel()
+    lo = float(np.nanmin(off)) if np.isfinite(off).any() else -1.0
+    hi = float(np.nanmax(off)) if np.isfinite(off).any() else 1.0
+    # colour range from the off-diagonal entries (the diagonal is 1 and would wash out the contrast)
+    im = ax.imshow(M, cmap="viridis", vmin=lo, vmax=max(hi, lo + 1e-6))
+    ticks = [f"{i}*" if i in mal else str(i) for i in ids]
+    ax.set_xticks(range(K), ticks, fontsize=7)
+    ax.set_yticks(range(K), ticks, fontsize=7)
+    for t in ax.get_xticklabels() + ax.get_yticklabels():
+        if t.get_text().endswith("*"):
+            t.set_color("#c0392b")
+            t.set_fontweight("bold")
+    ax.set_xlabel("client (* red: malicious)", fontsize=8)
+    ax.set_title(title, fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    return _png(fig)
 
 
 def client_weights(runs: list[dict]) -> bytes | None:

@@ -9,25 +9,49 @@ import io
 from pathlib import Path
 
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from .collect import fmt_rate, load_run, table_rows
+from .collect import VS, add_comparisons, fmt_rate, fmt_vs, load_run, table_rows
 
 COLUMNS = [("method", "Method"), ("refusal", "Refusal on harmful ↑ (%)"), ("false_refusal", "False refusal on benign ↓ (%)"),
            ("ref_nll", "Ref. NLL ↓")]
+VS_HEADERS = {"vs_clean": "vs clean (Δ points [95% CI], p)", "vs_attacked": "vs attacked (Δ points [95% CI], p)"}
+
+
+def _vs_columns(rows: list[dict]) -> list[str]:
+    """The comparison columns that some row has (none when the runs hold no clean / attacked FedAvg)."""
+    return [col for col, _ in VS if any(col in r for r in rows)]
+
+
+def _vs_cell(row: dict, col: str, sep: str) -> str:
+    if col not in row:
+        return "–"
+    if "error" in row[col]:
+        return "n/a"
+    return f"refusal {fmt_vs(row, col, 'refusal')}{sep}false ref. {fmt_vs(row, col, 'false_refusal')}"
+
+
+def _cells(r: dict, vs_cols: list[str], sep: str) -> list[str]:
+    nll = "–" if r.get("ref_nll") is None else f"{r['ref_nll']:.3f}"
+    return ([str(r["method"]), fmt_rate(r, "refusal"), fmt_rate(r, "false_refusal"), nll]
+            + [_vs_cell(r, c, sep) for c in vs_cols])
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = "| " + " | ".join(c[1] for c in COLUMNS) + " |"
-    sep = "|" + "|".join("---" for _ in COLUMNS) + "|"
+    vs_cols = _vs_columns(rows)
+    names = [c[1] for c in COLUMNS] + [VS_HEADERS[c] for c in vs_cols]
+    head = "| " + " | ".join(names) + " |"
+    sep = "|" + "|".join("---" for _ in names) + "|"
     lines = [head, sep]
     for r in rows:
-        nll = "–" if r.get("ref_nll") is None else f"{r['ref_nll']:.3f}"
-        lines.append(f"| {r['method']} | {fmt_rate(r, 'refusal')} | {fmt_rate(r, 'false_refusal')} | {nll} |")
+        lines.append("| " + " | ".join(_cells(r, vs_cols, "; ")) + " |")
     n_h = next((r.get("refusal_n") for r in rows if r.get("refusal_n")), None)
     n_b = next((r.get("false_refusal_n") for r in rows if r.get("false_refusal_n")), None)
     judge = next((r.get("judge") for r in rows if r.get("judge")), "rule")
     lines.append("")
     lines.append(f"Judge: `{judge}`; n = {n_h} harmful and {n_b} benign prompts; brackets: 95% Wilson interval"
-                 " (multi-seed rows: mean ± std). Ref. NLL: mean per-token NLL of held-out reference answers.")
+                 " (multi-seed rows: mean ± std). Ref. NLL: mean per-token NLL of held-out reference answers."
+                 + (" vs clean / vs attacked: this row minus that FedAvg run on the same prompts, in points, 95% interval"
+                    " by Newcombe's method 10 for paired proportions, p from the exact McNemar test (multi-seed: mean ±"
+                    " sd of the per-seed differences, paired t-test p)." if vs_cols else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -35,10 +59,14 @@ def write_csv(rows: list[dict]) -> str:
     buf = io.StringIO()
     keys = ["method", "seeds", "refusal", "refusal_ci", "refusal_std", "refusal_n", "false_refusal", "false_refusal_ci",
             "false_refusal_std", "false_refusal_n", "ref_nll", "judge"]
-    w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
+    vs_cols = _vs_columns(rows)
+    vs_keys = [f"{c}_{m}" for c in vs_cols for m in ("refusal", "false_refusal")]
+    w = csv.DictWriter(buf, fieldnames=keys + vs_keys, extrasaction="ignore")
     w.writeheader()
     for r in rows:
-        w.writerow({k: (";".join(f"{x:.2f}" for x in r[k]) if isinstance(r.get(k), list) else r.get(k)) for k in keys})
+        d = {k: (";".join(f"{x:.2f}" for x in r[k]) if isinstance(r.get(k), list) else r.get(k)) for k in keys}
+        d.update({f"{c}_{m}": fmt_vs(r, c, m) for c in vs_cols for m in ("refusal", "false_refusal")})
+        w.writerow(d)
     return buf.getvalue()
 
 
@@ -49,6 +77,7 @@ def render(run_dirs: list[str | Path], out_dir: str | Path, title: str = "fedsaf
     out.mkdir(parents=True, exist_ok=True)
     runs = [load_run(d) for d in run_dirs]
     rows = table_rows(runs)
+    add_comparisons(runs, rows)
     md = markdown_table(rows)
     atomic_write_text(out / "table.md", md)
     atomic_write_text(out / "table.csv", write_csv(rows))
@@ -65,23 +94,27 @@ def render(run_dirs: list[str | Path], out_dir: str | Path, title: str = "fedsaf
 
 
 _CAPTIONS = {
-    "refusal_by_round": "Refusal rate on the server's probe prompts after each monitored round, per scenario.",
+    "refusal_by_round": "Refusal rate on the server's probe prompts at the start (round 0: the start adapter) and "
+                        "after each monitored round, per scenario. Identical curves overlap; the legend marks them "
+                        "with '=' and each line has its own marker and dash.",
     "methods": "Safety (refusal on harmful prompts, higher is better) and helpfulness proxy (false refusal on "
                "benign prompts, lower is better) per method, with 95% intervals.",
     "cosine_heatmap": "Pairwise cosine similarity of client updates (attacked FedAvg; malicious clients marked *), "
-                      "cf. the paper's Fig. 3a: no benign/malicious clusters.",
+                      "cf. the paper's Fig. 3a: no benign/malicious clusters. After a forensic pass "
+                      "(fedsafe.forensic_pass) every client has trained once from the same global adapter and "
+                      "every pair is shown; otherwise only pairs sampled in the same round are.",
     "client_weights": "Mean weight each robust rule gave each client over the rounds it was sampled "
                       "(malicious clients in red), cf. the paper's Fig. 3b.",
 }
 
 
 def _html(title: str, md: str, rows: list[dict], figs: dict[str, bytes], notes: str) -> str:
-    th = "".join(f"<th>{html.escape(c[1])}</th>" for c in COLUMNS)
+    vs_cols = _vs_columns(rows)
+    th = "".join(f"<th>{html.escape(c)}</th>" for c in [c[1] for c in COLUMNS] + [VS_HEADERS[c] for c in vs_cols])
     trs = []
     for r in rows:
-        nll = "–" if r.get("ref_nll") is None else f"{r['ref_nll']:.3f}"
-        cells = [html.escape(str(r["method"])), fmt_rate(r, "refusal"), fmt_rate(r, "false_refusal"), nll]
-        trs.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+        cells = [html.escape(c).replace("\n", "<br>") for c in _cells(r, vs_cols, "\n")]
+        trs.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     foot = html.escape(md.strip().splitlines()[-1])
     imgs = "".join(
         f'<figure><img alt="{k}" src="data:image/png;base64,{base64.b64encode(v).decode()}"/>'
