@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from fedsafe.config import load_config
-from fedsafe.fl.run import build_engine, resume_run, start_run, write_run_header
+from fedsafe.pipeline import build_engine, resume_run, start_run
+from fedsafe.rundir import write_run_header
 from fedsafe.report import plots
 
 MONITOR = ["fl.rounds=3", "monitor.every=1", "monitor.max_new_tokens=4", "eval.max_new_tokens=4"]
