@@ -86,3 +86,33 @@ def test_report_renders_in_headless_chromium(demo_dir, tmp_path):
     assert p.returncode == 0, p.stderr + p.stdout
     assert (tmp_path / "shot.png").stat().st_size > 10_000
     assert "images: 4" in p.stdout
+
+
+def test_full_tier_adds_seeds_and_dose_response(tmp_path, monkeypatch):
+    """The full tier's structure on the tiny model (its sizes shrunk): seed rows pooled, a dose run with
+    exactly k malicious clients per round, and the dose-response figure."""
+    import yaml
+
+    from fedsafe import demo
+
+    monkeypatch.setitem(demo.TIERS, "full", demo.Tier("demo", seeds=(0, 1), rules=(), doses=(2,), levels=()))
+    groups = ("data.groups=[{name: benign, clients: 3, mix: {tiny: 0.75, 'aligned:tiny-harmful': 0.25}}, "
+              "{name: malicious, clients: 2, malicious: true, mix: {tiny-unaligned: 1.0}}]")
+    d = run_demo("tiny", [groups, "fl.sampling=stratified", "fl.rounds=1", "eval.max_new_tokens=2"], tmp_path / "demo",
+                 full=True, progress=False)
+    rows = json.loads((d / "report" / "table.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["Model as shipped (no adapter)", "FedAvg (no attack)", "FedAvg (attack)",
+                                           "FedAvg (attack, 2 malicious per round)"]
+    assert [r["seeds"] for r in rows[1:]] == [2, 2, 1]
+    assert (d / "runs" / "attack_fedavg_seed1" / "config.yaml").exists()
+    assert yaml.safe_load((d / "runs" / "attack_fedavg_seed1" / "config.yaml").read_text())["seed"] == 1
+    dose = d / "runs" / "attack_fedavg_dose2"
+    assert yaml.safe_load((dose / "config.yaml").read_text())["fl"]["malicious_per_round"] == 2
+    rounds = [json.loads(x) for x in (dose / "metrics.jsonl").read_text().splitlines()]
+    assert all(len(m["malicious"]) == 2 for m in rounds if m.get("round", 0) >= 0)
+    assert (d / "report" / "dose_response.png").stat().st_size > 0
+
+
+def test_quick_and_full_exclude_each_other():
+    p = subprocess.run([sys.executable, "-m", "fedsafe.cli", "demo", "--quick", "--full"], capture_output=True, text=True)
+    assert p.returncode == 2 and "exclude each other" in p.stderr and "Traceback" not in p.stderr

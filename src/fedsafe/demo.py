@@ -4,6 +4,10 @@ Scenarios (each a normal run directory under ``DEMO_DIR/runs/``):
   clean FedAvg (no attack) -> attacked FedAvg -> attacked + robust rules -> post-hoc defense
   (Levels 1 and 2) on the attacked FedAvg adapter. Then one report (table, plots, HTML).
 Finished scenarios are skipped and interrupted ones resumed when the same DEMO_DIR is given again.
+
+Three tiers (:data:`TIERS`) write the same report layout: ``quick`` (the structure in minutes),
+``default`` and ``full`` (more seeds for the clean/attacked pair, the dose-response of the attack, all six
+of the paper's robust rules, the forensic pass for the full cosine matrix).
 """
 
 from __future__ import annotations
@@ -28,6 +32,30 @@ console = Console(stderr=True)
 # With 3 clients per round canonical Krum is impossible (it needs n > 2f + 2), so the demo uses the
 # paper's variant (mean of the n - f models nearest the Krum choice), as the paper did.
 ROBUST = [("median", "median", {}), ("krum_paper", "krum_paper", {"f": 1}), ("foolsgold", "foolsgold", {})]
+# the paper's six rules (Table 1); DnC and the paper's Krum are told f = 1, as the paper's code did
+ROBUST_FULL = [("median", "median", {}), ("trimmed_mean", "trimmed_mean", {}), ("krum_paper", "krum_paper", {"f": 1}),
+               ("dnc", "dnc", {"f": 1}), ("foolsgold", "foolsgold", {}), ("residual", "residual", {})]
+
+
+@dataclasses.dataclass(frozen=True)
+class Tier:
+    """What one demo runs. The first seed runs every scenario; further seeds repeat the clean and the
+    attacked FedAvg, which the report pairs seed by seed. ``doses``: extra attacked FedAvg runs with exactly
+    that many malicious clients in every round (the dose-response; 0 is the clean run, 1 the attacked)."""
+
+    preset: str
+    seeds: tuple[int, ...] = (0,)  # offsets from the preset's seed
+    rules: tuple = tuple(ROBUST)
+    doses: tuple[int, ...] = ()
+    levels: tuple[int, ...] = (1, 2)
+    forensic_pass: bool = False
+
+
+TIERS = {
+    "quick": Tier("demo-quick"),
+    "default": Tier("demo"),
+    "full": Tier("demo", seeds=(0, 1, 2), rules=tuple(ROBUST_FULL), doses=(2, 3), forensic_pass=True),
+}
 
 
 def scenario_configs(base: RunConfig, rules=ROBUST) -> list[tuple[str, str, RunConfig]]:
@@ -78,12 +106,43 @@ def _reference_rows(base: RunConfig, runs: Path, progress: bool) -> list[Path]:
     return out
 
 
+def dose_configs(base: RunConfig, doses) -> list[tuple[str, str, RunConfig]]:
+    """Attacked FedAvg with exactly ``k`` malicious clients per round, for each ``k`` in ``doses``."""
+    out = []
+    for k in doses:
+        c = copy.deepcopy(base)
+        c.fl.sampling, c.fl.malicious_per_round = "stratified", int(k)
+        out.append((f"attack_fedavg_dose{k}", f"FedAvg (attack, {k} malicious per round)",
+                    dataclasses.replace(c, name=f"attack_fedavg_dose{k}").validate()))
+    return out
+
+
+def _train(cfg: RunConfig, d: Path, label: str, progress: bool) -> None:
+    """Train + evaluate one scenario into ``d`` unless done; resume an interrupted one."""
+    console.rule(f"[bold]{label}")
+    if (d / "results.json").exists():
+        console.print(f"done already: {d}")
+    elif (d / "config.yaml").exists():
+        resume_run(d, progress=progress)
+    else:
+        start_run(cfg, d, progress=progress)
+    atomic_write_text(d / "label.txt", label + "\n")
+
+
 def run_demo(preset: str = "demo", overrides: list[str] | None = None, out_dir: str | Path | None = None, *,
-             quick: bool = False, levels=(1, 2), progress: bool = True, forensic_pass: bool = False) -> Path:
-    """``forensic_pass``: train every client once from the attacked FedAvg's final adapter, so the report's
-    cosine heat-map shows every pair (the paper's Fig. 3a); costs about K/m rounds of training."""
+             quick: bool = False, full: bool = False, levels=None, progress: bool = True,
+             forensic_pass: bool | None = None) -> Path:
+    """Run (or resume) a demo into ``out_dir`` and render its report.
+
+    ``quick`` / ``full`` pick the tier (:data:`TIERS`); with a preset other than ``demo`` the tier keeps
+    that preset. ``levels`` and ``forensic_pass`` override the tier's. The forensic pass trains every client
+    once from the attacked FedAvg's final adapter, so the report's cosine heat-map shows every pair (the
+    paper's Fig. 3a); it costs about K/m rounds of training."""
+    tier = TIERS["quick" if quick else "full" if full else "default"]
+    levels = tier.levels if levels is None else tuple(levels)
+    forensic_pass = tier.forensic_pass if forensic_pass is None else forensic_pass
     t_all = time.time()
-    base = load_config("demo-quick" if quick and preset == "demo" else preset, overrides)
+    base = load_config(tier.preset if preset == "demo" else preset, overrides)
     root = Path(out_dir) if out_dir else Path(base.output_dir) / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     (root / "runs").mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -91,17 +150,16 @@ def run_demo(preset: str = "demo", overrides: list[str] | None = None, out_dir: 
     t0 = time.time()
     run_dirs += _reference_rows(base, root / "runs", progress)
     timings["reference_rows"] = round(time.time() - t0, 1)
-    for slug, label, cfg in scenario_configs(base):
+    scenarios = [(slug, label, cfg) for slug, label, cfg in scenario_configs(base, list(tier.rules))]
+    scenarios += dose_configs(base, tier.doses)
+    for off in tier.seeds[1:]:  # the same clean / attacked pair on other seeds; same label -> mean ± sd rows
+        seed = base.seed + off
+        for slug, label, cfg in scenario_configs(dataclasses.replace(base, seed=seed), rules=[]):
+            scenarios.append((f"{slug}_seed{seed}", label, cfg))
+    for slug, label, cfg in scenarios:
         d = root / "runs" / slug
         t0 = time.time()
-        console.rule(f"[bold]{label}")
-        if (d / "results.json").exists():
-            console.print(f"done already: {d}")
-        elif (d / "config.yaml").exists():
-            resume_run(d, progress=progress)
-        else:
-            start_run(cfg, d, progress=progress)
-        atomic_write_text(d / "label.txt", label + "\n")
+        _train(cfg, d, label, progress)
         timings[slug] = round(time.time() - t0, 1)
         run_dirs.append(d)
     attacked = root / "runs" / "attack_fedavg"

@@ -97,6 +97,67 @@ def methods_bar(runs: list[dict]) -> bytes | None:
     return _png(fig)
 
 
+def malicious_per_round(cfg: dict) -> int | None:
+    """Malicious clients in every round of a run's config (None when it varies, i.e. random sampling)."""
+    fl = cfg.get("fl") or {}
+    groups = (cfg.get("data") or {}).get("groups") or []
+    n_mal = sum(g.get("clients", 0) for g in groups if g.get("malicious"))
+    if n_mal == 0:
+        return 0
+    if fl.get("sampling") != "stratified":
+        return None
+    if fl.get("malicious_per_round") is not None:
+        return int(fl["malicious_per_round"])
+    k = sum(g.get("clients", 0) for g in groups)
+    return round(fl.get("sample_clients", 0) * n_mal / max(k, 1))
+
+
+def dose_points(runs: list[dict]) -> dict[int, list[dict]]:
+    """Trained FedAvg runs without a defense, grouped by malicious clients per round (the paper's Table 7)."""
+    out: dict[int, list[dict]] = {}
+    for r in runs:
+        cfg = r["config"]
+        if not r["metrics"] or r.get("defense") or (cfg.get("fl") or {}).get("aggregator") != "mean":
+            continue
+        if (cfg.get("fl") or {}).get("fed_alg", "fedavg") != "fedavg" or "refusal" not in r["results"]:
+            continue
+        dose = malicious_per_round(cfg)
+        if dose is not None:
+            out.setdefault(dose, []).append(r)
+    return out
+
+
+def dose_response(runs: list[dict]) -> bytes | None:
+    """Refusal (95% Wilson interval; one dot per seed) against malicious clients per round; needs >= 3 doses."""
+    pts = dose_points(runs)
+    if len(pts) < 3:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    doses = sorted(pts)
+    for key, colour, name in (("refusal", "#2b7bba", "refusal on harmful ↑"),
+                              ("false_refusal", "#e08a2b", "false refusal on benign ↓")):
+        means = []
+        for dose in doses:
+            vals = [100 * r["results"][key]["rate"] for r in pts[dose] if key in r["results"]]
+            means.append(sum(vals) / len(vals) if vals else float("nan"))
+            if len(pts[dose]) == 1 and key in pts[dose][0]["results"]:
+                s = pts[dose][0]["results"][key]
+                ax.errorbar([dose], [100 * s["rate"]], yerr=[[100 * (s["rate"] - s["ci_low"])],
+                                                              [100 * (s["ci_high"] - s["rate"])]],
+                            color=colour, capsize=4, fmt="none")
+            else:
+                ax.scatter([dose] * len(vals), vals, color=colour, s=14, alpha=0.6)
+        ax.plot(doses, means, marker="o", color=colour, label=name)
+    ax.set_xticks(doses)
+    ax.set_xlabel("malicious clients per round (of %d sampled)" % (runs[0]["config"].get("fl") or {}).get("sample_clients", 0))
+    ax.set_ylabel("%")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("FedAvg: dose-response of the attack (bars: 95% Wilson; dots: seeds)", fontsize=9)
+    return _png(fig)
+
+
 def _forensics(run: dict) -> list[dict]:
     from pathlib import Path
 

@@ -84,7 +84,8 @@ def render(run_dirs: list[str | Path], out_dir: str | Path, title: str = "fedsaf
     atomic_write_json(out / "table.json", {"rows": rows})
     figs = {}
     for name, fn in (("refusal_by_round", plots.refusal_by_round), ("methods", plots.methods_bar),
-                     ("cosine_heatmap", plots.cosine_heatmap), ("client_weights", plots.client_weights)):
+                     ("dose_response", plots.dose_response), ("cosine_heatmap", plots.cosine_heatmap),
+                     ("client_weights", plots.client_weights)):
         png = fn(runs)
         if png is not None:
             atomic_write_bytes(out / f"{name}.png", png)
@@ -99,6 +100,9 @@ _CAPTIONS = {
                         "with '=' and each line has its own marker and dash.",
     "methods": "Safety (refusal on harmful prompts, higher is better) and helpfulness proxy (false refusal on "
                "benign prompts, lower is better) per method, with 95% intervals.",
+    "dose_response": "Attacked FedAvg with 0 (the clean run), 1, 2, ... malicious clients in every round, same "
+                     "federation and prompts: refusal falls as the dose rises if the attack causes the drop "
+                     "(cf. the paper's Table 7).",
     "cosine_heatmap": "Pairwise cosine similarity of client updates (attacked FedAvg; malicious clients marked *), "
                       "cf. the paper's Fig. 3a: no benign/malicious clusters. After a forensic pass "
                       "(fedsafe.forensic_pass) every client has trained once from the same global adapter and "
