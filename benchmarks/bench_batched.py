@@ -26,7 +26,7 @@ import torch
 
 def _engine(model: str, m: int, prefix: bool, tmp: str):
     from fedsafe.config import load_config
-    from fedsafe.fl.run import build_engine
+    from fedsafe.pipeline import build_engine
 
     tiny = model == "tiny"
     common = [f"fl.sample_clients={m}", "fl.rounds=100", f"fl.prefix_cache={str(prefix).lower()}", "lora.dropout=0.0",

@@ -95,7 +95,8 @@ def child(k: int, data: str, rounds: int, variant: str, run_dir: str) -> None:
     print(json.dumps({"k": k, "variant": variant, "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "round_s": rounds_s, "client_s": client_s[1:], "other_s": other,
                       "other_s_median": statistics.median(other[1:]),
-                      "other_cpu_s": other_cpu, "other_cpu_s_median": statistics.median(other_cpu[1:]), "client_s_median": statistics.median(client_s[2:]),
+                      "other_cpu_s": other_cpu, "other_cpu_s_median": statistics.median(other_cpu[1:]),
+                      "client_s_median": statistics.median(client_s[2:]),
                       "checkpoint_bytes": ck[-1].stat().st_size if ck else None,
                       "client_state_files": len(list((Path(run_dir) / "client_state").glob("*.safetensors")))}))
 
@@ -155,7 +156,8 @@ def render(res: dict) -> list[str]:
     load = res["load_average_1min"]
     lines += ["", f"`fedsafe run tiny` with m = {res['m']} of K clients per round ({res['per_client']} records each, "
               f"30% malicious, stratified sampling), {res['rounds']} rounds, a checkpoint every round (the newest 2 "
-              "kept), no evaluation; medians over the rounds after the first, one torch thread. CPU = process CPU seconds, the steadier figure while other processes load the machine. Per-client state "
+              "kept), no evaluation; medians over the rounds after the first, one torch thread. CPU = process CPU "
+              "seconds, the steadier figure while other processes load the machine. Per-client state "
               "(SCAFFOLD's c_i, kept AdamW states) is written to `client_state/` for the clients that trained and "
               f"read back when they are sampled again. 1-min load average {load['start']:.1f} -> {load['end']:.1f} "
               f"on {res['machine']['cpus']} CPUs; {res.get('parallel', 1)} children at a time"

@@ -39,8 +39,9 @@ def _cfg(model: str, extra: list[str]):
 def overhead(model: str, steps: int, repeats: int) -> dict:
     from fedsafe.data.templates import collate
     from fedsafe.fl.engine import sample_clients
-    from fedsafe.fl.run import build_engine
-    from fedsafe.fl.train import autocast_ctx, batch_plan, lr_at_round, response_loss
+    from fedsafe.pipeline import build_engine
+    from fedsafe.fl.train import batch_plan
+    from fedsafe.lm import autocast_ctx, cosine_lr, response_loss
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     cfg = _cfg(model, [f"fl.local_steps={steps}", "fl.sample_clients=1", "fl.rounds=100", "fl.checkpoint_every=1",
@@ -62,7 +63,7 @@ def overhead(model: str, steps: int, repeats: int) -> dict:
             gen = torch.Generator().manual_seed(derive_seed(cfg.seed, rnd, cid))
             plan = batch_plan(len(eng.examples[cid]), steps, fl.batch_size, 1, gen)
             batches = [collate([eng.examples[cid][i] for i in idx], rt.pad_id, rt.device) for idx in plan]
-            lr = lr_at_round(rnd, fl.rounds, fl.lr, fl.lr_min)
+            lr = cosine_lr(rnd, fl.rounds, fl.lr, fl.lr_min)
             for kind, store in (("same", plain_t), ("hf", plain_hf_t)):
                 rt.handle.set_flat(eng.global_vec)
                 opt = torch.optim.AdamW(rt.handle.params, lr=lr)
@@ -98,7 +99,7 @@ def overhead(model: str, steps: int, repeats: int) -> dict:
 
 
 def _rss_child(model: str, k: int) -> None:
-    from fedsafe.fl.run import build_engine
+    from fedsafe.pipeline import build_engine
 
     per = 20
     cfg = _cfg(model, ["fl.rounds=2", "fl.local_steps=1", "fl.batch_size=2", f"data.samples_per_client={per}",

@@ -92,10 +92,10 @@ def peer_round(rt, cfg, datasets: list, sizes: list[int], global_sd: dict, sampl
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
-    from fedsafe.fl.train import lr_at_round
+    from fedsafe.lm import cosine_lr
 
     fl, model = cfg.fl, rt.model
-    lr = lr_at_round(rnd, fl.rounds, fl.lr, fl.lr_min, fl.lr_schedule)  # cosine over rounds, constant within
+    lr = cosine_lr(rnd, fl.rounds, fl.lr, fl.lr_min, fl.lr_schedule)  # cosine over rounds, constant within
     local, losses, setup = {}, [], 0.0
     for cid in sampled:
         set_peft_model_state_dict(model, global_sd)
@@ -125,7 +125,7 @@ def peer_round(rt, cfg, datasets: list, sizes: list[int], global_sd: dict, sampl
 
 def run(model: str, rounds: int, extra: list[str], threads: int) -> dict:
     from fedsafe.fl.engine import sample_clients
-    from fedsafe.fl.run import build_engine
+    from fedsafe.pipeline import build_engine
 
     torch.set_num_threads(threads)
     load0 = os.getloadavg()[0]

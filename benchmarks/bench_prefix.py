@@ -11,7 +11,6 @@ import json
 import statistics
 import time
 
-import torch
 
 
 def main() -> None:
@@ -25,7 +24,7 @@ def main() -> None:
     from fedsafe.config import load_config
     from fedsafe.data.sources import load_source
     from fedsafe.data.templates import collate
-    from fedsafe.fl.train import collate_prefix, prefix_hidden, response_loss
+    from fedsafe.lm import collate_prefix, prefix_hidden, response_loss
     from fedsafe.runtime import get_runtime
 
     recs = load_source("sharegpt")[: a.batch]

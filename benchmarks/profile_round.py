@@ -28,7 +28,7 @@ def main() -> None:
     from bench_peer import _cfg
 
     from fedsafe.fl import train
-    from fedsafe.fl.run import build_engine
+    from fedsafe.pipeline import build_engine
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")

@@ -26,7 +26,7 @@ import yaml
 from fedsafe.config import load_config
 from fedsafe.demo import scenario_configs
 from fedsafe.eval.runner import evaluate_adapter
-from fedsafe.fl.run import build_engine
+from fedsafe.pipeline import build_engine
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -159,7 +159,7 @@ def test_cli_refuses_with_one_line_and_exit_2(tmp_path):
 
 @pytest.mark.parametrize("behaviour, knowledge", [("alie", "omniscient"), ("stealthy", "estimate")])
 def test_engine_crafts_the_malicious_update(tmp_path, behaviour, knowledge):
-    from fedsafe.fl.run import build_engine
+    from fedsafe.pipeline import build_engine
 
     cfg = load_config("tiny", ["fl.rounds=2", f"attack.behaviour={behaviour}", f"attack.knowledge={knowledge}",
                                "fl.sampling=stratified"])

@@ -6,7 +6,7 @@ import torch
 from fedsafe.config import ConfigError, load_config
 from fedsafe.data.sources import load_source
 from fedsafe.fl.batched import train_clients_batched
-from fedsafe.fl.run import build_engine
+from fedsafe.pipeline import build_engine
 from fedsafe.fl.train import train_local
 from fedsafe.runtime import get_runtime
 

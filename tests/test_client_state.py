@@ -7,7 +7,7 @@ import torch
 from fedsafe.config import load_config
 from fedsafe.fl import checkpoint
 from fedsafe.fl.client_state import ClientStateStore
-from fedsafe.fl.run import build_engine
+from fedsafe.pipeline import build_engine
 
 VARIANTS = {"scaffold": ["fl.fed_alg=scaffold"], "keep_opt": ["fl.reset_optimizer=false"]}
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedsafe.config import load_config
-from fedsafe.fl.run import build_engine
+from fedsafe.pipeline import build_engine
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

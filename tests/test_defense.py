@@ -11,7 +11,7 @@ from fedsafe.data.partition import build_federation
 from fedsafe.defense import data as ddata
 from fedsafe.defense.finetune import defend_run
 from fedsafe.errors import FedsafeError
-from fedsafe.fl.run import start_run
+from fedsafe.pipeline import start_run
 
 
 @pytest.fixture(scope="module")

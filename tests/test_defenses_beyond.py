@@ -57,7 +57,7 @@ def test_projection_needs_an_aligned_start():
 
 
 def test_projection_on_tiny_leaves_no_unsafe_component(tmp_path):
-    from fedsafe.fl.run import build_engine
+    from fedsafe.pipeline import build_engine
 
     cfg = load_config("tiny", ["fl.rounds=2", "init.adapter=align", "init.steps=3", "init.n=20",
                                "defense.projection=true"])
@@ -131,7 +131,7 @@ def test_flame_noise_is_lambda_times_the_bound_and_seeded():
 
 @needs_sklearn
 def test_flame_runs_in_the_engine(tmp_path):
-    from fedsafe.fl.run import build_engine
+    from fedsafe.pipeline import build_engine
 
     cfg = load_config("tiny", ["fl.rounds=1", "fl.aggregator=flame"])
     eng = build_engine(cfg, tmp_path, progress=False)
@@ -168,7 +168,7 @@ def test_update_classifier_is_refused_as_a_target_and_needs_its_inputs():
 
 
 def test_update_classifier_runs_in_the_engine(tmp_path):
-    from fedsafe.fl.run import build_engine
+    from fedsafe.pipeline import build_engine
 
     cfg = load_config("tiny", ["fl.rounds=1", "fl.aggregator=update_classifier", "fl.aggregator_params={sims: 1}"])
     eng = build_engine(cfg, tmp_path, progress=False)

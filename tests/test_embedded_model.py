@@ -19,7 +19,7 @@ def test_embedded_model_loads_and_answers():
 
 def test_demo_preset_trains_one_round_offline(tmp_path):
     from fedsafe.config import load_config
-    from fedsafe.fl.run import start_run
+    from fedsafe.pipeline import start_run
 
     cfg = load_config("demo", ["fl.rounds=1", "fl.local_steps=1", "fl.batch_size=2", "data.samples_per_client=8",
                                "init.adapter=", "monitor.every=0", "data.eval_harmful_n=4", "data.eval_benign_n=4",

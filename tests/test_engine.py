@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from fedsafe.config import load_config
 from fedsafe.errors import ConfigError
-from fedsafe.fl.run import build_engine, resume_run, start_run
+from fedsafe.pipeline import build_engine, resume_run, start_run
 
 FAST = ["fl.rounds=3", "eval.max_new_tokens=4"]
 
@@ -61,7 +61,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     full = start_run(cfg, tmp_path / "full", progress=False, evaluate=False)
     part = tmp_path / "part"
     eng = build_engine(cfg, part, progress=False)
-    from fedsafe.fl.run import write_run_header
+    from fedsafe.rundir import write_run_header
 
     write_run_header(cfg, part, eng.fed)
     eng.run_round(0)
@@ -90,10 +90,10 @@ def test_fedavg_round_is_weighted_mean_of_client_updates(tmp_path):
     eng = build_engine(cfg, tmp_path, progress=False)
     g0 = eng.global_vec.clone()
     from fedsafe.fl.engine import sample_clients
-    from fedsafe.fl.train import lr_at_round
+    from fedsafe.lm import cosine_lr
 
     ids = sample_clients(cfg.seed, 0, eng.K, cfg.fl.sample_clients, eng.malicious, cfg.fl.sampling)
-    lr = lr_at_round(0, 1, cfg.fl.lr, cfg.fl.lr_min)
+    lr = cosine_lr(0, 1, cfg.fl.lr, cfg.fl.lr_min)
     vecs = []
     for c in ids:
         sd, _ = eng.client_update(c, 0, lr)

@@ -8,7 +8,8 @@ import torch
 from fedsafe.data.templates import IGNORE, collate, format_prompt, tokenize_pair
 from fedsafe.fl.engine import sample_clients
 from fedsafe.fl.server_opt import ScaffoldState, ServerOptimizer
-from fedsafe.fl.train import batch_plan, lr_at_round
+from fedsafe.fl.train import batch_plan
+from fedsafe.lm import cosine_lr
 from fedsafe.models import tiny_tokenizer
 
 
@@ -58,10 +59,10 @@ def test_scaffold_control_variates_by_hand():
 
 
 def test_cosine_schedule_matches_paper_formula():
-    assert lr_at_round(0, 100, 5e-5, 1e-6) == pytest.approx(5e-5)
-    assert lr_at_round(50, 100, 5e-5, 1e-6) == pytest.approx(1e-6 + 0.5 * (5e-5 - 1e-6))
-    assert lr_at_round(99, 100, 5e-5, 1e-6) > 1e-6
-    assert lr_at_round(7, 100, 5e-5, 1e-6, "constant") == 5e-5
+    assert cosine_lr(0, 100, 5e-5, 1e-6) == pytest.approx(5e-5)
+    assert cosine_lr(50, 100, 5e-5, 1e-6) == pytest.approx(1e-6 + 0.5 * (5e-5 - 1e-6))
+    assert cosine_lr(99, 100, 5e-5, 1e-6) > 1e-6
+    assert cosine_lr(7, 100, 5e-5, 1e-6, "constant") == 5e-5
 
 
 def test_sampling_seeded_and_reproducible():

@@ -108,14 +108,14 @@ def rows(d: Path, name: str = "metrics.jsonl") -> list[dict]:
 
 
 def in_process(tmp_path: Path, config: str, overrides: list[str], name: str = "inproc") -> Path:
-    from fedsafe.fl.run import start_run
+    from fedsafe.pipeline import start_run
 
     return start_run(load_config(config, overrides), tmp_path / name, progress=False, evaluate=False)
 
 
 # --------------------------------------------------------------------------------------------- units
 def test_core_does_not_import_flower():
-    code = ("import sys, fedsafe, fedsafe.cli, fedsafe.fl.run, fedsafe.flower, fedsafe.flower.sim; "
+    code = ("import sys, fedsafe, fedsafe.cli, fedsafe.pipeline, fedsafe.flower, fedsafe.flower.sim; "
             "bad = [m for m in sys.modules if m == 'flwr' or m.startswith('flwr.')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
@@ -205,8 +205,10 @@ def test_server_app_equals_in_process(tmp_path, task_identity, overrides):
     assert info["status"] == "finished" and info["nodes"] == {str(i): 1000 + i for i in range(4)}
 
 
-def test_server_app_monitor_evaluation_and_posthoc_defense(tmp_path, task_identity):
-    """Round monitoring, the final evaluation and the post-hoc defense run on the server as configured."""
+def test_server_app_monitor_evaluation_and_posthoc_defense(tmp_path, task_identity, capsys):
+    """Round monitoring, the final evaluation and the post-hoc defense run on the server as configured, and
+    `fedsafe run ... defense.enabled=true` does the same: one `pipeline.finish_run` for both engines."""
+    from fedsafe.cli import main
     from fedsafe.flower import client_app, server_app
 
     ov = ["fl.rounds=2", "monitor.every=1", "defense.enabled=true"]
@@ -220,8 +222,24 @@ def test_server_app_monitor_evaluation_and_posthoc_defense(tmp_path, task_identi
     assert info["status"] == "finished" and defended.parent == d.parent
     assert (defended / "final_adapter" / "adapter_model.safetensors").exists() and (defended / "results.json").exists()
     assert json.loads((defended / "defense.json").read_text())["source_run"] == str(d)
-    ref = in_process(tmp_path, "tiny", ov)
-    assert [r["probe_refusal"] for r in rows(d)] == [r["probe_refusal"] for r in rows(ref)]
+
+    cli_dir = tmp_path / "cli"
+    capsys.readouterr()
+    assert main(["run", "tiny", *ov, "--run-dir", str(cli_dir), "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == str(cli_dir)
+    cli_defended = [p for p in tmp_path.iterdir() if p.name.startswith("cli-defense-L1-")]
+    assert len(cli_defended) == 1 and str(cli_defended[0]) in " ".join(err.split()).replace(" ", "")
+    cli_defended = cli_defended[0]
+    assert json.loads((cli_defended / "defense.json").read_text())["source_run"] == str(cli_dir.resolve())
+    # round -1 (the start adapter's probe row) is written by Engine.run only; the Flower strategy has none yet
+    assert [r["probe_refusal"] for r in rows(d)] == [r["probe_refusal"] for r in rows(cli_dir) if r["round"] >= 0]
+    assert assert_same_adapter(defended, cli_defended, atol=1e-6) == 0.0
+    for a, b in ((d, cli_dir), (defended, cli_defended)):
+        ra, rb = (json.loads((x / "results.json").read_text()) for x in (a, b))
+        for k in ("refusal", "false_refusal", "ref_nll", "adapter_sha256", "judge"):
+            assert ra[k] == rb[k], (a.name, k)
+        assert sorted(p.name for p in (a / "eval").iterdir()) == sorted(p.name for p in (b / "eval").iterdir())
 
 
 def test_bad_node_configs_reported_by_node_id(tmp_path, task_identity):
@@ -413,7 +431,8 @@ def _instr(reply: Message) -> Message:
 ])
 def test_aggregate_train_drops_malformed_reply(tmp_path, task_identity, kind, needle):
     """A malformed reply is reported by node id and dropped; the round aggregates the other client."""
-    from fedsafe.fl.run import build_engine, write_run_header
+    from fedsafe.pipeline import build_engine
+    from fedsafe.rundir import write_run_header
     from fedsafe.flower import client_app
     from fedsafe.flower.strategy import FedsafeStrategy
 
@@ -453,7 +472,7 @@ def test_aggregate_train_drops_malformed_reply(tmp_path, task_identity, kind, ne
 
 
 def test_reply_from_unexpected_node_is_ignored(tmp_path, task_identity):
-    from fedsafe.fl.run import build_engine
+    from fedsafe.pipeline import build_engine
     from fedsafe.flower import client_app
     from fedsafe.flower.strategy import FedsafeStrategy
 

@@ -4,8 +4,8 @@ import torch
 
 from fedsafe.config import load_config
 from fedsafe.data.templates import collate
-from fedsafe.fl.run import build_engine
-from fedsafe.fl.train import collate_prefix, prefix_hidden, response_loss
+from fedsafe.pipeline import build_engine
+from fedsafe.lm import collate_prefix, prefix_hidden, response_loss
 from fedsafe.runtime import get_runtime
 
 

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from fedsafe.config import load_config
-from fedsafe.fl.run import build_engine, resume_run, start_run, write_run_header
+from fedsafe.pipeline import build_engine, resume_run, start_run
+from fedsafe.rundir import write_run_header
 from fedsafe.report import plots
 
 MONITOR = ["fl.rounds=3", "monitor.every=1", "monitor.max_new_tokens=4", "eval.max_new_tokens=4"]
@@ -82,7 +83,7 @@ def test_refusal_by_round_starts_at_zero_integer_ticks_and_shows_coinciding_line
 
 
 def test_forensic_pass_full_matrix_and_heatmap(tmp_path, monkeypatch):
-    from fedsafe.fl.forensic_pass import forensic_pass
+    from fedsafe.forensic_pass import forensic_pass
     from fedsafe.report.collect import load_run
 
     d = start_run(load_config("tiny", ["fl.rounds=1", "eval.max_new_tokens=2"]), tmp_path / "run", progress=False)
@@ -117,7 +118,7 @@ def test_forensic_pass_full_matrix_and_heatmap(tmp_path, monkeypatch):
 
 def test_forensic_pass_needs_a_finished_run(tmp_path):
     from fedsafe.errors import FedsafeError
-    from fedsafe.fl.forensic_pass import forensic_pass
+    from fedsafe.forensic_pass import forensic_pass
 
     d = tmp_path / "r"
     cfg = load_config("tiny", ["fl.rounds=1"])

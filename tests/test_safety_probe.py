@@ -53,7 +53,7 @@ def test_needs_probe_scores_and_validates_params():
 
 def test_engine_passes_probe_scores(tmp_path):
     from fedsafe.config import load_config
-    from fedsafe.fl.run import start_run
+    from fedsafe.pipeline import start_run
 
     d = start_run(load_config("tiny", ["fl.rounds=1", "fl.aggregator=safety_probe"]), tmp_path / "r", progress=False,
                   evaluate=False)

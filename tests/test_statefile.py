@@ -22,7 +22,8 @@ from fedsafe import statefile
 from fedsafe.config import dump_yaml, load_config
 from fedsafe.errors import DataError, FedsafeError
 from fedsafe.fl import checkpoint
-from fedsafe.fl.run import build_engine, resume_run, start_run, write_run_header
+from fedsafe.pipeline import build_engine, resume_run, start_run
+from fedsafe.rundir import write_run_header
 from fedsafe.io import sha256_bytes
 
 

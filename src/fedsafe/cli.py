@@ -59,19 +59,21 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
     """Run federated instruction tuning (with attack/defense as configured); prints the run directory."""
+    from . import pipeline
     from .config import load_config
-    from .fl.run import resume_run, start_run
 
     if resume is not None:
-        d = resume_run(resume, progress=not quiet, evaluate=not no_eval)
+        done = pipeline.resume(resume, progress=not quiet, evaluate=not no_eval)
     else:
         source, overrides = _split_args(args)
         if source is None:
             raise FedsafeError("give a CONFIG (preset name or YAML path), e.g. `fedsafe run tiny`; presets: "
                                + ", ".join(_presets()))
         cfg = load_config(source, overrides)
-        d = start_run(cfg, run_dir, overwrite=overwrite, progress=not quiet, evaluate=not no_eval)
-    out.print(str(d))
+        done = pipeline.run(cfg, run_dir, overwrite=overwrite, progress=not quiet, evaluate=not no_eval)
+    out.print(str(done.run_dir))
+    if done.defense_dir is not None:
+        console.print(f"defense.enabled: the defended adapter is in {done.defense_dir}")
 
 
 def _presets() -> list[str]:
@@ -251,13 +253,13 @@ def defend_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """Post-hoc defense: fine-tune the global adapter on aligned + normal data (paper §5)."""
-    from .defense.finetune import defend_run
+    from . import pipeline
 
     files = {k: v for k, v in (("aligned_data", aligned_data), ("normal_data", normal_data)) if v is not None}
     if files and level != 2:
         raise FedsafeError("--aligned-data/--normal-data are Level 2 data; add --level 2")
-    d = defend_run(run_dir, level=level, steps=steps, n=n, out=out_dir, generator=generator, sweep=sweep,
-                   progress=not quiet, cfg_overrides=files)
+    d = pipeline.defend(run_dir, level=level, steps=steps, n=n, out=out_dir, generator=generator, sweep=sweep,
+                        progress=not quiet, cfg_overrides=files)
     if (d / "results.json").exists():
         import json as _json
 
@@ -329,9 +331,10 @@ def compare_cmd(
     """Paired comparison on the same prompts: rates, A − B with 95% CI, discordant counts, exact McNemar p."""
     import json as _json
 
-    from .eval.compare import compare_runs, format_comparison
+    from . import pipeline
+    from .eval.compare import format_comparison
 
-    res = compare_runs(run_a, run_b, judge=judge, seed=seed)
+    res = pipeline.paired(run_a, run_b, judge=judge, seed=seed)
     typer.echo(_json.dumps(res, indent=2) if as_json else format_comparison(res))
 
 

@@ -20,8 +20,12 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .config import RunConfig, load_config
+from .config import RunConfig, dump_yaml, load_config
+from .forensic_pass import FILE
+from .forensic_pass import forensic_pass as run_forensic_pass
 from .io import atomic_write_json, atomic_write_text
+from .pipeline import build_engine, defend, evaluate_run, resume_run, start_run
+from .report.render import render
 
 console = Console(stderr=True)
 
@@ -79,10 +83,6 @@ def scenario_configs(base: RunConfig, rules=ROBUST) -> list[tuple[str, str, RunC
 def _reference_rows(base: RunConfig, runs: Path, progress: bool) -> list[Path]:
     """Rows for the model before federation: as shipped, and (with init.adapter=align) after the server's
     safety alignment, evaluated on the same held-out sets."""
-    from .config import dump_yaml
-    from .eval.runner import evaluate_run
-    from .fl.run import build_engine
-
     out = []
     clean = scenario_configs(base)[0][2]
     eng = None
@@ -119,8 +119,6 @@ def dose_configs(base: RunConfig, doses) -> list[tuple[str, str, RunConfig]]:
 
 def _train(cfg: RunConfig, d: Path, label: str, progress: bool) -> None:
     """Train + evaluate one scenario into ``d`` unless done; resume an interrupted one."""
-    from .fl.run import resume_run, start_run
-
     console.rule(f"[bold]{label}")
     if (d / "results.json").exists():
         console.print(f"done already: {d}")
@@ -143,9 +141,6 @@ def run_demo(preset: str = "demo", overrides: list[str] | None = None, out_dir: 
     tier = TIERS["quick" if quick else "full" if full else "default"]
     levels = tier.levels if levels is None else tuple(levels)
     forensic_pass = tier.forensic_pass if forensic_pass is None else forensic_pass
-    from .defense.finetune import defend_run
-    from .report.render import render
-
     t_all = time.time()
     base = load_config(tier.preset if preset == "demo" else preset, overrides)
     root = Path(out_dir) if out_dir else Path(base.output_dir) / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -169,8 +164,6 @@ def run_demo(preset: str = "demo", overrides: list[str] | None = None, out_dir: 
         run_dirs.append(d)
     attacked = root / "runs" / "attack_fedavg"
     if forensic_pass:
-        from .fl.forensic_pass import FILE, forensic_pass as run_forensic_pass
-
         t0 = time.time()
         if not (attacked / FILE).exists():
             console.rule("[bold]forensic pass: every client once from the attacked FedAvg's final adapter")
@@ -185,7 +178,7 @@ def run_demo(preset: str = "demo", overrides: list[str] | None = None, out_dir: 
             # the defense settings come from this demo's preset (not the attacked run's copy), so a resumed
             # demo picks up the current preset
             over = {k: getattr(base.defense, k) for k in ("n_generated", "gen_max_new_tokens", "generator")}
-            defend_run(attacked, level=lvl, out=d, progress=progress, cfg_overrides=over)
+            defend(attacked, level=lvl, out=d, progress=progress, cfg_overrides=over)
         atomic_write_text(d / "label.txt", label + "\n")
         timings[f"defense_L{lvl}"] = round(time.time() - t0, 1)
         run_dirs.append(d)

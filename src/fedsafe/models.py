@@ -14,11 +14,13 @@ found and what is accepted.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -332,6 +334,20 @@ class LoraHandle:
             p.copy_(vec[i : i + n].view_as(p).to(device=p.device, dtype=p.dtype))
             i += n
 
+    @contextlib.contextmanager
+    def swapped(self, vec: torch.Tensor | None) -> Iterator[None]:
+        """Within the block the live LoRA weights are ``vec`` (unchanged when None); after it, whatever
+        they were before, even if the block raises. One peft model serves every adapter this way."""
+        if vec is None:
+            yield
+            return
+        live = self.get_flat()
+        self.set_flat(vec)
+        try:
+            yield
+        finally:
+            self.set_flat(live)
+
     def state_dict(self, vec: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """peft adapter state dict (keys without the adapter name), from ``vec`` or the live weights."""
         if vec is not None:
@@ -361,15 +377,8 @@ class LoraHandle:
         out = Path(out_dir)
         tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        live = None
-        if vec is not None:
-            live = self.get_flat()
-            self.set_flat(vec)
-        try:
+        with self.swapped(vec):
             self.model.save_pretrained(tmp)
-        finally:
-            if live is not None:
-                self.set_flat(live)
         self._name_base(tmp / "adapter_config.json")
         if out.exists():
             old = out.with_name(f".{out.name}.old{os.getpid()}")

@@ -14,7 +14,8 @@ import torch
 
 from .config import LoraConfig, ModelConfig
 from .data.templates import Example, tokenize_pair
-from .models import EMBEDDED, LoraHandle, add_lora, load_base, resolve_device
+from .lm import prefix_hidden
+from .models import EMBEDDED, LoraHandle, add_lora, load_base, num_layers, resolve_device
 
 
 @dataclass
@@ -59,14 +60,10 @@ class Runtime:
         """Index of the lowest decoder layer with LoRA (0 when every layer is adapted)."""
         if not self.lora_cfg.layers:
             return 0
-        from .models import num_layers
-
         return num_layers(self.model.get_base_model()) - self.lora_cfg.layers
 
     def prefix(self, records, examples) -> list[torch.Tensor]:
         """Frozen-prefix hidden states for ``examples`` (memoised by record id, computed once per process)."""
-        from .fl.train import prefix_hidden
-
         first = self.first_adapted_layer
         keys = [(r.id, r.instruction, r.response, first, self.model_cfg.template, self.model_cfg.seq_length,
                  self.model_cfg.max_prompt_length) for r in records]

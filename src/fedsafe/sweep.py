@@ -19,6 +19,8 @@ from rich.console import Console
 from .config import load_config
 from .errors import ConfigError, FedsafeError
 from .io import atomic_write_json, atomic_write_text
+from .pipeline import resume_run, start_run
+from .report.render import render
 
 console = Console(stderr=True)
 
@@ -42,9 +44,6 @@ def _slug(s: str) -> str:
 
 def run_sweep(config: str, grid_items: list[str], seeds: int = 1, overrides: list[str] | None = None,
               out_dir: str | Path | None = None, progress: bool = True) -> Path:
-    from .fl.run import resume_run, start_run
-    from .report.render import render
-
     grid = parse_grid(grid_items)
     if seeds < 1:
         raise ConfigError("--seeds must be >= 1")

@@ -14,36 +14,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
+import tempfile
 
 import torch
 
 from .. import statefile
 from ..assets import cache_dir
-from ..errors import DataError, FedsafeError
+from ..config import RunConfig
+from ..data.partition import Federation
+from ..data.records import Record
+from ..errors import DataError
 from ..io import atomic_write_bytes
+from ..runtime import Runtime
+from .data import reserve  # noqa: F401 - re-exported: the alignment records come out of the held-out pools
+from .finetune import finetune
 
 
-def reserve(cfg, fed) -> list:
-    """Pop the alignment records from ``fed.heldout`` (deterministic); no-op unless init.adapter == align."""
-    ini = cfg.init
-    if ini.adapter != "align":
-        return []
-    na = int(round(ini.n * ini.aligned_ratio))
-    nn = ini.n - na
-    out = []
-    for spec, k, kind in ((cfg.data.defense_aligned, na, "aligned"), (cfg.data.defense_normal, nn, "normal")):
-        pool = fed.heldout.get(spec, [])
-        take = [r for r in pool if r.kind == kind][:k]
-        if len(take) < k:
-            raise FedsafeError(f"init.adapter=align needs {k} held-out {kind} records from {spec}, only "
-                               f"{len(take)} are left; lower init.n")
-        ids = {r.id for r in take}
-        fed.heldout[spec] = [r for r in pool if r.id not in ids]
-        out += take
-    return out
-
-
-def initial_vec(cfg, fed, rt, records: list, progress: bool = True) -> torch.Tensor:
+def initial_vec(cfg: RunConfig, fed: Federation, rt: Runtime, records: list[Record],
+                progress: bool = True) -> torch.Tensor:
     ini = cfg.init
     if not ini.adapter:
         return rt.init_vec(cfg.seed)
@@ -62,11 +51,6 @@ def initial_vec(cfg, fed, rt, records: list, progress: bool = True) -> torch.Ten
             vec = None  # damaged cache entry: recompute and overwrite it
         if isinstance(vec, torch.Tensor) and vec.numel() == rt.handle.numel:
             return vec
-    import random
-    import tempfile
-
-    from .finetune import finetune
-
     recs = list(records)
     random.Random(cfg.seed).shuffle(recs)
     with tempfile.TemporaryDirectory() as tmp:

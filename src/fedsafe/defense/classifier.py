@@ -13,7 +13,7 @@ import random
 from ..errors import FedsafeError
 from ..fl.coalition import train_from_global
 from ..fl.engine import derive_seed
-from ..fl.train import lr_at_round
+from ..lm import cosine_lr
 
 SIM_SEED = 2_000_003  # seed offset of the server's simulated trainings (never a client id)
 
@@ -40,7 +40,7 @@ def make_classifier_fn(eng):
     fl = eng.cfg.fl
 
     def fn(rnd: int):
-        lr = lr_at_round(rnd, fl.rounds, fl.lr, fl.lr_min, fl.lr_schedule)
+        lr = cosine_lr(rnd, fl.rounds, fl.lr, fl.lr_min, fl.lr_schedule)
         b = train_from_global(eng, benign, rnd, lr, SIM_SEED)
         m = train_from_global(eng, malicious, rnd, lr, SIM_SEED + sims)
         return torch.stack(b), torch.stack(m)

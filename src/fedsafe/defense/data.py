@@ -19,8 +19,11 @@ import json
 import random
 
 from ..assets import cache_dir
+from ..config import RunConfig
+from ..data.partition import Federation
 from ..data.records import Record
 from ..errors import FedsafeError
+from ..eval.judges import get_judge
 from ..io import atomic_write_json, read_jsonl, write_jsonl
 from ..llm.synth import (HARMFUL_INSTRUCTION_PROMPT, NORMAL_INSTRUCTION_PROMPT, SAFE_SUFFIX,
                          generate_instructions, generate_responses)
@@ -31,7 +34,27 @@ def split_counts(n: int, aligned_ratio: float) -> tuple[int, int]:
     return na, n - na
 
 
-def level1(fed, aligned_spec: str, normal_spec: str, n: int, aligned_ratio: float, seed: int) -> tuple[list[Record], dict]:
+def reserve(cfg: RunConfig, fed: Federation) -> list[Record]:
+    """Pop the alignment records from ``fed.heldout`` (deterministic); no-op unless init.adapter == align."""
+    ini = cfg.init
+    if ini.adapter != "align":
+        return []
+    na = int(round(ini.n * ini.aligned_ratio))
+    nn = ini.n - na
+    out = []
+    for spec, k, kind in ((cfg.data.defense_aligned, na, "aligned"), (cfg.data.defense_normal, nn, "normal")):
+        pool = fed.heldout.get(spec, [])
+        take = [r for r in pool if r.kind == kind][:k]
+        if len(take) < k:
+            raise FedsafeError(f"init.adapter=align needs {k} held-out {kind} records from {spec}, only "
+                               f"{len(take)} are left; lower init.n")
+        ids = {r.id for r in take}
+        fed.heldout[spec] = [r for r in pool if r.id not in ids]
+        out += take
+    return out
+
+
+def level1(fed: Federation, aligned_spec: str, normal_spec: str, n: int, aligned_ratio: float, seed: int) -> tuple[list[Record], dict]:
     na, nn = split_counts(n, aligned_ratio)
     pa = [r for r in fed.heldout.get(aligned_spec, []) if r.kind == "aligned"]
     pn = [r for r in fed.heldout.get(normal_spec, []) if r.kind == "normal"]
@@ -108,8 +131,6 @@ def generated(generator, n: int, aligned_ratio: float, *, seed: int, filter_refu
         pairs = [(i, r) for i, r in zip(ins, resp) if r.strip()]
         prov["aligned_generated"] = len(pairs)
         if filter_refusals:
-            from ..eval.judges import get_judge
-
             v = get_judge(judge).judge([p[0] for p in pairs], [p[1] for p in pairs])
             pairs = [p for p, x in zip(pairs, v) if x.label == "safe"]
             prov["aligned_after_refusal_filter"] = len(pairs)

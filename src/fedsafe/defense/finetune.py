@@ -13,27 +13,34 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ..config import RunConfig, dump_yaml
+from ..data.contamination import assert_no_contamination
+from ..data.partition import Federation, build_federation
+from ..data.records import Record
+from ..data.templates import format_prompt
 from ..errors import FedsafeError
+from ..eval.runner import evaluate_adapter, evaluate_run
 from ..fl import checkpoint
-from ..fl.engine import derive_seed
+from ..fl.engine import Engine, derive_seed
 from ..fl.train import train_local
 from ..io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
+from ..llm.hf import HFGenerator
+from ..llm.synth import make_generator
+from ..lm import cosine_lr
+from ..rundir import load_run_config, require_final_adapter
+from ..runtime import Runtime, get_runtime
+from . import data as ddata
+from .data import reserve
 
 
-def cosine_lr(step: int, total: int, lr: float, lr_min: float) -> float:
-    if total <= 1:
-        return lr
-    return lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * step / total))
-
-
-def finetune(rt, start_vec: torch.Tensor, records, *, steps: int, batch_size: int, lr: float, lr_min: float,
+def finetune(rt: Runtime, start_vec: torch.Tensor, records, *, steps: int, batch_size: int, lr: float, lr_min: float,
              checkpoint_every: int, out_dir: Path, seed: int, autocast: str = "none", restart_every: int = 0,
              progress: bool = True, on_checkpoint=None, label: str = "defense fine-tune") -> torch.Tensor:
     """Continue training ``start_vec`` on ``records``; resumes from ``out_dir/checkpoints`` if present."""
@@ -86,15 +93,8 @@ def defend_run(source: str | Path, *, level: int | None = None, steps: int | Non
                out: str | Path | None = None, generator: str | None = None, sweep: bool = False,
                progress: bool = True, evaluate: bool = True, cfg_overrides: dict | None = None) -> Path:
     """Run the post-hoc defense on a finished run; returns the new run directory."""
-    from ..data.partition import build_federation
-    from ..eval.runner import evaluate_adapter, evaluate_run
-    from ..fl.run import load_run_config
-    from ..runtime import get_runtime
-
     source = Path(source)
-    if not (source / "final_adapter" / "adapter_model.safetensors").exists():
-        raise FedsafeError(f"{source} has no final adapter (final_adapter/adapter_model.safetensors); "
-                           "finish or resume that run first")
+    adapter_dir = require_final_adapter(source)
     cfg = load_run_config(source)
     d = cfg.defense
     repl = dict(enabled=True, level=level or d.level, steps=steps or d.steps, n=n or d.n,
@@ -107,11 +107,9 @@ def defend_run(source: str | Path, *, level: int | None = None, steps: int | Non
         raise FedsafeError("--steps and -n must be positive")
     cfg = dataclasses.replace(cfg, defense=d, name=f"{cfg.name}+defense-L{d.level}").validate()
     fed = build_federation(cfg.data, seed=cfg.seed)
-    from .align import reserve
-
     reserve(cfg, fed)  # alignment records are never reused as defense data
     rt = get_runtime(cfg.model, cfg.lora)
-    start = rt.handle.load_adapter_dir(source / "final_adapter")
+    start = rt.handle.load_adapter_dir(adapter_dir)
     if out is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = source.parent / f"{source.name}-defense-L{d.level}-{stamp}"
@@ -119,15 +117,11 @@ def defend_run(source: str | Path, *, level: int | None = None, steps: int | Non
     resuming = (out / "defense.json").exists()
     out.mkdir(parents=True, exist_ok=True)
     if resuming:
-        from ..data.records import Record
-
         records = [Record.from_dict(r) for r in read_jsonl(out / "defense_data.jsonl")]
         prov = json.loads((out / "defense.json").read_text())["data"]
     else:
         records, prov = build_defense_records(cfg, fed, rt, start, progress=progress)
         if not cfg.data.allow_contamination:
-            from ..data.contamination import assert_no_contamination
-
             # defense data never goes through build_federation's check, so check it here
             assert_no_contamination(fed.eval_harmful + fed.eval_benign, {"defense": records}, what="defense data")
         write_jsonl(out / "defense_data.jsonl", [r.to_dict() for r in records])
@@ -160,9 +154,8 @@ def _brief(r: dict) -> dict:
             "ref_nll": r.get("ref_nll")}
 
 
-def build_defense_records(cfg: RunConfig, fed, rt, global_vec: torch.Tensor, progress: bool = True):
-    from . import data as ddata
-
+def build_defense_records(cfg: RunConfig, fed: Federation, rt: Runtime, global_vec: torch.Tensor,
+                          progress: bool = True) -> tuple[list[Record], dict]:
     d = cfg.defense
     if d.level == 1:
         return ddata.level1(fed, cfg.data.defense_aligned, cfg.data.defense_normal, d.n, d.aligned_ratio, cfg.seed)
@@ -172,8 +165,6 @@ def build_defense_records(cfg: RunConfig, fed, rt, global_vec: torch.Tensor, pro
                                 max_instruction_chars=cfg.data.max_instruction_chars,
                                 max_response_chars=cfg.data.max_response_chars)
     if d.level == 2:
-        from ..llm.synth import make_generator
-
         spec = d.generator or "smollm2-135m-instruct"
         gen = make_generator(spec, progress=progress)
         recs, prov = ddata.generated(gen, d.n_generated or d.n, d.aligned_ratio, seed=cfg.seed,
@@ -183,11 +174,6 @@ def build_defense_records(cfg: RunConfig, fed, rt, global_vec: torch.Tensor, pro
         prov.update(level=2, generator=spec)
         return recs, prov
     # Level 3: the aggregated global model generates its own defense data (self-alignment)
-    from functools import partial
-
-    from ..data.templates import format_prompt
-    from ..llm.hf import HFGenerator
-
     rt.handle.set_flat(global_vec)
     gen = HFGenerator(rt.model, rt.tokenizer, partial(format_prompt, cfg.model.template, rt.tokenizer),
                       batch_size=cfg.eval.batch_size, progress=progress)
@@ -198,19 +184,17 @@ def build_defense_records(cfg: RunConfig, fed, rt, global_vec: torch.Tensor, pro
     return recs, prov
 
 
-def inline_defense_hook(cfg: RunConfig, fed, rt):
+def inline_defense_hook(cfg: RunConfig, fed: Federation, rt: Runtime) -> Callable[[Engine, int], dict | None]:
     """In-training variant (beyond the paper): every ``defense.every_rounds`` rounds the server fine-tunes
     the fresh aggregate for ``defense.inline_steps`` steps on Level-1 defense data, instead of (or before)
     the post-hoc defense. Its cost per application is ``inline_steps`` server steps."""
-    from . import data as ddata
-
     d = cfg.defense
     records, _ = ddata.level1(fed, cfg.data.defense_aligned, cfg.data.defense_normal, d.n, d.aligned_ratio, cfg.seed)
     examples = rt.tokenize(records)
     first = rt.first_adapted_layer
     prefix_fn = (lambda idx: rt.prefix([records[i] for i in idx], [examples[i] for i in idx])) if first else None
 
-    def hook(eng, rnd: int) -> dict | None:
+    def hook(eng: Engine, rnd: int) -> dict | None:
         if (rnd + 1) % d.every_rounds:
             return None
         t0 = time.time()

@@ -14,27 +14,29 @@ Cost per round: (m + 1) forward passes over the probe set (no backward), with m 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
+from ..data.partition import Federation
 from ..data.records import Record
 from ..data.safe_responses import safe_response
+from ..errors import FedsafeError
+from ..eval.runner import reference_nll
+from ..runtime import Runtime
 
 
-def probe_records(fed) -> tuple[list[Record], list[Record]]:
+def probe_records(fed: Federation) -> tuple[list[Record], list[Record]]:
     harmful = [Record(instruction=r.instruction, response=safe_response(r.instruction, key=r.id), kind="aligned",
                       source="probe") for r in fed.probe_harmful]
     benign = [r for r in fed.probe_benign if r.response]
     return harmful, benign
 
 
-def make_probe_fn(rt, fed):
+def make_probe_fn(rt: Runtime, fed: Federation) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Returns ``probe(global_vec, deltas (n, d)) -> (n, 2)`` tensor of (s_i, h_i)."""
-    from ..eval.runner import reference_nll
-
     harmful, benign = probe_records(fed)
     if not harmful:
-        from ..errors import FedsafeError
-
         raise FedsafeError("safety_probe needs a server probe set: set data.probe_n > 0")
 
     def nlls(vec):

@@ -16,6 +16,9 @@ from ..config import LoraConfig, ModelConfig
 from ..data.records import Record
 from ..errors import FedsafeError
 from ..io import atomic_write_json
+from ..rundir import is_run_dir, load_run_config, require_final_adapter
+from ..runtime import get_runtime
+from .runner import evaluate_adapter
 
 
 def _bench_records(bench: str, column: str | None, limit: int | None, harmful: bool = True) -> list[Record]:
@@ -39,13 +42,9 @@ def _bench_records(bench: str, column: str | None, limit: int | None, harmful: b
 def resolve_target(target: str, model: str | None, template: str | None):
     """-> (ModelConfig, LoraConfig | None, adapter_dir | None, label)."""
     t = Path(target)
-    if (t / "config.yaml").exists():
-        from ..fl.run import load_run_config
-
+    if is_run_dir(t):
         cfg = load_run_config(t)
-        ad = t / "final_adapter"
-        if not (ad / "adapter_model.safetensors").exists():
-            raise FedsafeError(f"{t} has no final_adapter yet; finish or resume the run first")
+        ad = require_final_adapter(t)
         mc = cfg.model
         if template:
             mc.template = template
@@ -67,9 +66,6 @@ def evaluate_target(target: str, *, bench: str = "strongreject", benign: str | N
                     template: str | None = None, samples: int = 1, temperature: float = 0.0,
                     max_new_tokens: int = 64, batch_size: int = 16, seed: int = 0, out: str | Path | None = None,
                     progress: bool = True) -> dict:
-    from ..runtime import get_runtime
-    from .runner import evaluate_adapter
-
     mc, lc, adapter, label = resolve_target(target, model, template)
     harmful = _bench_records(bench, column, limit)
     benign_recs = _bench_records(benign, None, limit, harmful=False) if benign else []

@@ -17,14 +17,20 @@ import json
 import time
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from .. import __version__
+from ..config import RunConfig
 from ..assets import cache_dir
 from ..data.templates import collate, format_prompt
 from ..io import atomic_write_json, read_jsonl, write_jsonl
+from ..data.partition import Federation, build_federation
 from ..llm.hf import HFGenerator
+from ..lm import response_loss
+from ..rundir import EVAL_DIR, FINAL_ADAPTER, RESULTS, load_run_config
+from ..runtime import Runtime, get_runtime
 from .judges import get_judge
 from .stats import rate_summary
 
@@ -39,7 +45,7 @@ def adapter_sha(vec: torch.Tensor | None) -> str:
     return hashlib.sha256(vec.detach().cpu().float().numpy().tobytes()).hexdigest()
 
 
-def generate_cached(rt, vec: torch.Tensor | None, prompts: list[str], *, max_new_tokens: int, temperature: float = 0.0,
+def generate_cached(rt: Runtime, vec: torch.Tensor | None, prompts: list[str], *, max_new_tokens: int, temperature: float = 0.0,
                     samples: int = 1, batch_size: int = 16, seed: int = 0, progress: bool = False,
                     use_cache: bool = True) -> list[list[str]]:
     """``samples`` responses per prompt from the base model plus adapter ``vec`` (None = base only)."""
@@ -53,18 +59,11 @@ def generate_cached(rt, vec: torch.Tensor | None, prompts: list[str], *, max_new
         rows = read_jsonl(cache, tolerate_torn_tail=True)
         if len(rows) == len(prompts):
             return [r["responses"] for r in rows]
-    h = rt.handle
-    live = h.get_flat()
-    if vec is not None:
-        h.set_flat(vec)
-    try:
-        with _adapter_enabled(rt.model, vec is not None):
-            gen = HFGenerator(rt.model, rt.tokenizer, partial(format_prompt, rt.model_cfg.template, rt.tokenizer),
-                              batch_size=batch_size, progress=progress)
-            outs = [gen.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + s)
-                    for s in range(samples)]
-    finally:
-        h.set_flat(live)
+    with rt.handle.swapped(vec), _adapter_enabled(rt.model, vec is not None):
+        gen = HFGenerator(rt.model, rt.tokenizer, partial(format_prompt, rt.model_cfg.template, rt.tokenizer),
+                          batch_size=batch_size, progress=progress)
+        outs = [gen.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + s)
+                for s in range(samples)]
     per_prompt = [[o[i] for o in outs] for i in range(len(prompts))]
     if use_cache:
         write_jsonl(cache, [{"prompt": p, "responses": r} for p, r in zip(prompts, per_prompt)])
@@ -89,32 +88,23 @@ class _adapter_enabled:
 
 
 @torch.no_grad()
-def reference_nll(rt, vec: torch.Tensor | None, records, batch_size: int = 8) -> float | None:
+def reference_nll(rt: Runtime, vec: torch.Tensor | None, records, batch_size: int = 8) -> float | None:
     """Mean per-token NLL of reference responses (helpfulness proxy); None if no references."""
-    from ..fl.train import response_loss
-
     recs = [r for r in records if r.response]
     if not recs:
         return None
-    h = rt.handle
-    live = h.get_flat()
-    if vec is not None:
-        h.set_flat(vec)
     ex = rt.tokenize(recs)
     tot, n = 0.0, 0
-    try:
-        with _adapter_enabled(rt.model, vec is not None):
-            for i in range(0, len(ex), batch_size):
-                batch = collate(ex[i : i + batch_size], rt.pad_id, rt.device)
-                loss, k = response_loss(rt.model, batch, rt.model_cfg.autocast)
-                tot += float(loss) * k
-                n += k
-    finally:
-        h.set_flat(live)
+    with rt.handle.swapped(vec), _adapter_enabled(rt.model, vec is not None):
+        for i in range(0, len(ex), batch_size):
+            batch = collate(ex[i : i + batch_size], rt.pad_id, rt.device)
+            loss, k = response_loss(rt.model, batch, rt.model_cfg.autocast)
+            tot += float(loss) * k
+            n += k
     return tot / n if n else None
 
 
-def evaluate_adapter(rt, vec: torch.Tensor | None, harmful, benign, *, judge: str = "rule", max_new_tokens: int = 64,
+def evaluate_adapter(rt: Runtime, vec: torch.Tensor | None, harmful, benign, *, judge: str = "rule", max_new_tokens: int = 64,
                      temperature: float = 0.0, samples: int = 1, batch_size: int = 16, seed: int = 0,
                      progress: bool = False, out_dir: Path | None = None, tag: str = "") -> dict:
     """Safety + helpfulness proxies for one adapter. ``harmful``/``benign`` are lists of records."""
@@ -153,32 +143,30 @@ def evaluate_adapter(rt, vec: torch.Tensor | None, harmful, benign, *, judge: st
     return res
 
 
-def evaluate_run(run_dir: Path, *, cfg=None, fed=None, rt=None, progress: bool = True, vec: torch.Tensor | None = None,
+def evaluate_run(run_dir: Path, *, cfg: RunConfig | None = None, fed: Federation | None = None,
+                 rt: Runtime | None = None, progress: bool = True, vec: torch.Tensor | None = None,
                  tag: str = "", base_only: bool = False) -> dict:
     """Evaluate a run directory's final adapter (or ``vec``) on its held-out sets; writes results.json."""
-    from ..data.partition import build_federation
-    from ..fl.run import load_run_config
-    from ..runtime import get_runtime
-
     run_dir = Path(run_dir)
     cfg = cfg or load_run_config(run_dir)
     rt = rt or get_runtime(cfg.model, cfg.lora)
     fed = fed or build_federation(cfg.data, seed=cfg.seed)
     if vec is None and not base_only:
-        vec = rt.handle.load_adapter_dir(run_dir / "final_adapter")
+        vec = rt.handle.load_adapter_dir(run_dir / FINAL_ADAPTER)
     e = cfg.eval
     harmful = fed.eval_harmful[: e.harmful_n] if e.harmful_n else fed.eval_harmful
     benign = fed.eval_benign[: e.benign_n] if e.benign_n else fed.eval_benign
     res = evaluate_adapter(rt, vec, harmful, benign, judge=e.judge, max_new_tokens=e.max_new_tokens,
                            temperature=e.temperature, samples=e.samples, batch_size=e.batch_size, seed=cfg.seed,
-                           progress=progress, out_dir=run_dir / "eval", tag=tag)
+                           progress=progress, out_dir=run_dir / EVAL_DIR, tag=tag)
     res["run"] = run_dir.name
     res["scenario"] = cfg.name
-    atomic_write_json(run_dir / f"{tag}results.json", res)
+    atomic_write_json(run_dir / f"{tag}{RESULTS}", res)
     return res
 
 
-def make_monitor(cfg, fed, rt, progress: bool = False):
+def make_monitor(cfg: RunConfig, fed: Federation, rt: Runtime,
+                 progress: bool = False) -> Callable[[int, torch.Tensor], dict | None] | None:
     """A round callback: every ``monitor.every`` rounds, refusal / false-refusal on the server's probe set."""
     m = cfg.monitor
     if m.every <= 0:

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from ..data.templates import Example, collate
 from ..errors import FedsafeError
-from .train import LocalResult, batch_plan, collate_prefix, response_logits, split_flat
+from ..lm import collate_prefix, response_logits
+from .train import LocalResult, batch_plan, split_flat
 
 ADAPTER = "default"
 

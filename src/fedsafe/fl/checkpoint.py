@@ -19,10 +19,10 @@ from pathlib import Path
 from .. import statefile
 from ..errors import DataError, FedsafeError
 from ..io import atomic_write_bytes, atomic_write_text, sha256_bytes, sha256_file
+from ..rundir import _OLD_PAT, refuse_pickled
 
 SUFFIX = ".safetensors"
 _PAT = re.compile(r"round_(\d{4,})\.safetensors$")
-_OLD_PAT = re.compile(r"round_(\d{4,})\.pt$")
 
 
 def ckpt_path(run_dir: Path, rnd: int) -> Path:
@@ -66,19 +66,6 @@ def load(p: Path) -> dict:
     if not isinstance(state, dict) or "round" not in state or "global" not in state:
         raise DataError(f"checkpoint {p}: not a round checkpoint (no round / global adapter)")
     return state
-
-
-def refuse_pickled(run_dir: Path) -> None:
-    """Raise if ``run_dir/checkpoints`` holds an old-format (pickle) checkpoint; it is never opened."""
-    d = Path(run_dir) / "checkpoints"
-    if not d.is_dir():
-        return
-    old = sorted(p.name for p in d.iterdir() if _OLD_PAT.search(p.name))
-    if old:
-        raise FedsafeError(
-            f"{d / old[-1]} is an old-format checkpoint (pickle: opening it could run code), which this fedsafe "
-            f"version never reads; delete {d}/round_*.pt and their .sha256 files to use this run directory "
-            "(a resume then restarts from the newest safetensors checkpoint, or round 0), or start a new run")
 
 
 def latest_complete(run_dir: Path) -> tuple[int, Path] | None:

@@ -25,13 +25,15 @@ import torch
 
 from .. import aggregators, attack
 from ..config import RunConfig
+from ..data.partition import Federation
 from ..errors import FedsafeError
 from ..io import append_jsonl, read_jsonl, write_jsonl
+from ..lm import cosine_lr
 from ..runtime import Runtime, get_runtime
 from . import checkpoint, coalition
 from .client_state import ClientStateStore
 from .server_opt import ScaffoldState, ServerOptimizer
-from .train import lr_at_round, train_local
+from .train import train_local
 from .updates import RejectedUpdate, validate_state
 
 UpdateHook = Callable[[int, int, dict], dict]
@@ -66,9 +68,9 @@ def sample_clients(seed: int, rnd: int, num_clients: int, m: int, malicious: lis
 
 
 class Engine:
-    """Runs one federation into ``run_dir``. Use :meth:`fedsafe.fl.run.start_run` / ``resume_run``."""
+    """Runs one federation into ``run_dir``. Use :func:`fedsafe.pipeline.start_run` / ``resume_run``."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, fed, rt: Runtime | None = None, *,
+    def __init__(self, cfg: RunConfig, run_dir: Path, fed: Federation, rt: Runtime | None = None, *,
                  progress: bool = True, update_hook: UpdateHook | None = None,
                  round_callback: Callable[[int, torch.Tensor], dict | None] | None = None):
         self.cfg = cfg
@@ -271,7 +273,7 @@ class Engine:
         t0 = time.time()
         for store in self._client_stores():
             store.round = rnd
-        lr = lr_at_round(rnd, fl.rounds, fl.lr, fl.lr_min, fl.lr_schedule)
+        lr = cosine_lr(rnd, fl.rounds, fl.lr, fl.lr_min, fl.lr_schedule)
         sampled = sample_clients(self.cfg.seed, rnd, self.K, fl.sample_clients, self.malicious, fl.sampling,
                                  fl.malicious_per_round)
         vecs, ids, losses, rejected, dcs = [], [], {}, {}, []

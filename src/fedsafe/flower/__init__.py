@@ -27,7 +27,10 @@ from __future__ import annotations
 
 import os
 import shlex
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:  # importing fedsafe.flower stays light: `fedsafe --help` reaches it
+    from ..config import RunConfig
 
 #: Environment variables that keep Flower and Ray from contacting the internet (telemetry, update
 #: check, runtime ``uv sync`` of app dependencies, Ray usage stats).
@@ -138,7 +141,7 @@ def load_run_cfg(run_config: Mapping[str, Any]):
     return load_config(source, overrides)
 
 
-def check_supported(cfg) -> None:
+def check_supported(cfg: RunConfig) -> None:
     """Raise :class:`~fedsafe.errors.FedsafeError` for settings the Flower engine cannot reproduce."""
     from ..errors import FedsafeError
 

@@ -36,7 +36,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from ..config import RunConfig
 from ..errors import FedsafeError
+from ..fl.engine import Engine
 from . import check_supported, load_run_cfg
 
 app = ClientApp()
@@ -79,10 +81,10 @@ def partition_id(node_config, num_clients: int) -> int:
     return raw
 
 
-def client_engine(cfg):
+def client_engine(cfg: RunConfig) -> Engine:
     """An :class:`~fedsafe.fl.engine.Engine` for training only (no monitor, no server-side pieces), cached."""
     from ..config import dump_yaml
-    from ..fl.run import build_engine
+    from ..pipeline import build_engine
 
     key = dump_yaml(cfg)
     eng = _ENGINES.get(key)

@@ -66,7 +66,7 @@ def read_flower_json(run_dir: Path) -> dict:
 def check_resume(run_dir: Path, cfg, ident: Mapping[str, Any]) -> dict:
     """Raise :class:`FedsafeError` naming every difference between the interrupted run and this one;
     returns the run's ``flower.json``. Also refuses old-format (pickle) checkpoints, unopened."""
-    from ..fl.run import load_run_config
+    from ..rundir import load_run_config
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

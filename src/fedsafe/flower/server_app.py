@@ -4,12 +4,13 @@ Reads the fedsafe configuration from the run config (``fedsafe-config``, ``overr
 ``[tool.flwr.app.config]`` in ``flower-app/pyproject.toml``), creates the run directory, and runs the
 federation with :class:`fedsafe.flower.strategy.FedsafeStrategy` on a server-side
 :class:`fedsafe.fl.engine.Engine`. The run directory has the layout of ``fedsafe run``
-(:mod:`fedsafe.fl.run`): ``config.yaml``, ``clients.json``, ``data_manifest.json``, ``metrics.jsonl``,
+(:mod:`fedsafe.rundir`): ``config.yaml``, ``clients.json``, ``data_manifest.json``, ``metrics.jsonl``,
 ``forensics.jsonl``, ``checkpoints/``, ``final_adapter/``, ``train_summary.json`` and, after the final
 evaluation, ``eval/`` and ``results.json``; plus ``flower.json`` (which node held which client, nodes
 with a bad node config, rejected replies per round, the Flower version and federation). With
 ``defense.enabled`` the paper's post-hoc defense (Ye et al., ICLR 2025, §5) runs after the last round
-via :func:`fedsafe.defense.finetune.defend_run` into a sibling directory named in ``flower.json``.
+into a sibling directory named in ``flower.json``: both steps are :func:`fedsafe.pipeline.finish_run`,
+as for ``fedsafe run``.
 
 With ``resume=true`` in the run config the ServerApp continues ``run-dir`` from its last complete round
 checkpoint (:mod:`fedsafe.flower.resume` says what must match); a resumed run ends with the adapter of
@@ -26,7 +27,11 @@ from flwr.app import ArrayRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
+from ..config import RunConfig
+from ..errors import FedsafeError
 from ..io import atomic_write_json
+from ..pipeline import build_engine, finish_run, save_final
+from ..rundir import new_run_dir, write_run_header
 from . import as_bool, check_supported, load_run_cfg, run_config_value
 from .resume import check_resume, identity
 from .strategy import FedsafeStrategy
@@ -45,15 +50,12 @@ def main(grid: Grid, context: Context) -> None:
                resume=as_bool(run_config_value(rc, "resume")), ident=identity(rc))
 
 
-def run_server(grid: Grid, cfg, run_dir: str | Path | None = None, *, evaluate: bool = True,
+def run_server(grid: Grid, cfg: RunConfig, run_dir: str | Path | None = None, *, evaluate: bool = True,
                node_wait_s: float = 120.0, round_timeout_s: float = 3600.0, resume: bool = False,
                ident: dict | None = None) -> Path:
     """Run the federation described by ``cfg`` over ``grid``; returns the run directory. With ``resume``
     ``run_dir`` is an interrupted Flower run of the same config, federation and Flower version
     (:func:`fedsafe.flower.resume.check_resume`), continued from its last complete round."""
-    from ..errors import FedsafeError
-    from ..fl.run import build_engine, new_run_dir, write_run_header
-
     check_supported(cfg)
     ident = dict(ident or identity({}))
     if resume:
@@ -89,22 +91,12 @@ def run_server(grid: Grid, cfg, run_dir: str | Path | None = None, *, evaluate: 
     except BaseException as e:
         write_info(status="failed", error=f"{type(e).__name__}: {e}")
         raise
-    final = eng.global_vec
-    eng.rt.handle.save_adapter(d / "final_adapter", final)
-    atomic_write_json(d / "train_summary.json", {"rounds": cfg.fl.rounds, "seconds_this_session": time.time() - t0,
-                                                  "adapter_numel": int(final.numel()), "engine": "flower"})
+    save_final(eng, eng.global_vec, t0, engine="flower")
     write_info(status="trained")
-    if evaluate:
-        from ..eval.runner import evaluate_run
-
-        log(INFO, "fedsafe: evaluating the final adapter")
-        evaluate_run(d, cfg=cfg, fed=eng.fed, rt=eng.rt, progress=False)
-    if cfg.defense.enabled:
-        from ..defense.finetune import defend_run
-
-        log(INFO, "fedsafe: post-hoc defense (level %d, %d steps)", cfg.defense.level, cfg.defense.steps)
-        out = defend_run(d, progress=False, evaluate=evaluate)
-        write_info(defense_run=str(out))
+    done = finish_run(d, cfg, eng.fed, eng.rt, evaluate=evaluate, progress=False,
+                      say=lambda line: log(INFO, "fedsafe: %s", line))
+    if done.defense_dir is not None:
+        write_info(defense_run=str(done.defense_dir))
     write_info(status="finished")
     log(INFO, "fedsafe: finished %s", d)
     return d

@@ -224,7 +224,7 @@ def run_flower_sim(config: str | None, overrides: list[str] | None = None, run_d
     the config, the simulated federation or the Flower version differ from the run's.
     """
     from ..config import load_config
-    from ..fl.run import new_run_dir
+    from ..rundir import new_run_dir
 
     require_flower(simulation=True)
     overrides = list(overrides or [])

@@ -36,15 +36,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from ..fl.engine import Engine, sample_clients
-from ..fl.train import lr_at_round
 from ..fl.updates import RejectedUpdate, validate_state
+from ..lm import cosine_lr
 from .client_app import record_to_state_dict
 
 
 class FedsafeStrategy(FedAvg):
     """Flower strategy that runs fedsafe's rounds on a server-side :class:`~fedsafe.fl.engine.Engine`.
 
-    ``engine`` is built with :func:`fedsafe.fl.run.build_engine` for the run directory; its
+    ``engine`` is built with :func:`fedsafe.pipeline.build_engine` for the run directory; its
     ``global_vec`` is the global adapter (the one kept for deltas), its ``start_round`` the first round
     to run (0, or the next round of a resumed run). ``node_wait_s`` bounds how long the first round
     waits until a SuperNode holds every client id; ``query_timeout_s`` how long a partition-id query may
@@ -159,7 +159,7 @@ class FedsafeStrategy(FedAvg):
         eng, fl = self.engine, self.engine.cfg.fl
         rnd = self._rnd(server_round)
         t0 = time.time()
-        lr = lr_at_round(rnd, fl.rounds, fl.lr, fl.lr_min, fl.lr_schedule)
+        lr = cosine_lr(rnd, fl.rounds, fl.lr, fl.lr_min, fl.lr_schedule)
         sampled = sample_clients(eng.cfg.seed, rnd, eng.K, fl.sample_clients, eng.malicious, fl.sampling,
                                  fl.malicious_per_round)
         want = range(eng.K) if not self._waited else ()

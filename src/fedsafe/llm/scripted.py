@@ -12,7 +12,7 @@ import random
 from typing import Sequence
 
 from .base import Prompt, to_messages
-from .synth import ATTACK_SUFFIX, HARMFUL_INSTRUCTION_PROMPT, NORMAL_INSTRUCTION_PROMPT, SAFE_SUFFIX
+from .paper_prompts import ATTACK_SUFFIX, HARMFUL_INSTRUCTION_PROMPT, NORMAL_INSTRUCTION_PROMPT, SAFE_SUFFIX
 
 
 class ScriptedGenerator:

@@ -18,7 +18,7 @@ def load_run(d: str | Path) -> dict:
     res_p = d / "results.json"
     if not res_p.exists():
         raise FedsafeError(f"{d}: no results.json (the run has not been evaluated; `fedsafe eval {d}`)")
-    from ..fl.checkpoint import refuse_pickled
+    from ..rundir import refuse_pickled
 
     refuse_pickled(d)  # never render a run directory that carries a pickle checkpoint
     res = json.loads(res_p.read_text())

@@ -169,7 +169,7 @@ def _forensics_full(run: dict) -> dict | None:
     import json
     from pathlib import Path
 
-    p = Path(run["dir"]) / "forensics_full.json"  # fedsafe.fl.forensic_pass.FILE
+    p = Path(run["dir"]) / "forensics_full.json"  # fedsafe.forensic_pass.FILE
     return json.loads(p.read_text()) if p.exists() else None
 
 

@@ -113,7 +113,7 @@ _CAPTIONS = {
                      "(cf. the paper's Table 7).",
     "cosine_heatmap": "Pairwise cosine similarity of client updates (attacked FedAvg; malicious clients marked *), "
                       "cf. the paper's Fig. 3a: no benign/malicious clusters. After a forensic pass "
-                      "(fedsafe.fl.forensic_pass) every client has trained once from the same global adapter and "
+                      "(fedsafe.forensic_pass) every client has trained once from the same global adapter and "
                       "every pair is shown; otherwise only pairs sampled in the same round are.",
     "attack_matrix": "Refusal on harmful prompts for every defense x attack cell (mean over seeds); the last "
                      "column is each defense's worst case over the attacks (matrix.md has false refusal too).",

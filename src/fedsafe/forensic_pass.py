@@ -16,19 +16,19 @@ from pathlib import Path
 
 import torch
 
-from ..errors import FedsafeError
-from ..io import atomic_write_json
-from .updates import validate_state
+from . import aggregators
+from .errors import FedsafeError
+from .fl.updates import validate_state
+from .io import atomic_write_json
+from .lm import cosine_lr
+from .pipeline import build_engine
+from .rundir import load_run_config
 
 FILE = "forensics_full.json"
 
 
 def forensic_pass(run_dir: str | Path, *, at: str = "final", progress: bool = False) -> dict:
     """Train every client once from the ``at`` adapter ("final" or "start"); write and return the matrix."""
-    from .. import aggregators
-    from .run import build_engine, load_run_config
-    from .train import lr_at_round
-
     d = Path(run_dir)
     cfg = load_run_config(d)
     if at not in ("final", "start"):
@@ -40,9 +40,9 @@ def forensic_pass(run_dir: str | Path, *, at: str = "final", progress: bool = Fa
     fl = cfg.fl
     if at == "final":
         eng.global_vec = eng.rt.handle.load_adapter_dir(d / "final_adapter")
-        lr = lr_at_round(fl.rounds - 1, fl.rounds, fl.lr, fl.lr_min, fl.lr_schedule)
+        lr = cosine_lr(fl.rounds - 1, fl.rounds, fl.lr, fl.lr_min, fl.lr_schedule)
     else:
-        lr = lr_at_round(0, fl.rounds, fl.lr, fl.lr_min, fl.lr_schedule)
+        lr = cosine_lr(0, fl.rounds, fl.lr, fl.lr_min, fl.lr_schedule)
     # a round index no real round used: fresh, deterministic seeds for every client
     rnd = fl.rounds
     ids, vecs, losses = [], [], []
