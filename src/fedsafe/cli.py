@@ -229,7 +229,7 @@ def attack_generate(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """The paper's two-step pipeline: harmful instructions, then direct answers (§4.3)."""
-    from .attack.generate import generate_attack_data
+    from .attack_data import generate_attack_data
 
     prov = generate_attack_data(out_file, n, generator=generator, seed=seed, seed_source=seed_source or "",
                                 filter_refusals=not no_filter, max_new_tokens=max_new_tokens, progress=not quiet)

@@ -14,6 +14,7 @@ import torch
 from .. import attack
 from ..attack.data import reference_pool
 from ..errors import FedsafeError
+from .seeds import derive_seed
 from .train import train_local
 from .updates import RejectedUpdate, validate_state
 
@@ -21,8 +22,6 @@ REFERENCE_SEED = 1_000_003  # seed offset of an 'estimate' coalition's reference
 
 
 def _seed(*parts: int) -> int:
-    from .engine import derive_seed  # the engine imports this module
-
     return derive_seed(*parts)
 
 

@@ -32,6 +32,7 @@ from ..lm import cosine_lr
 from ..runtime import Runtime, get_runtime
 from . import checkpoint, coalition
 from .client_state import ClientStateStore
+from .seeds import derive_seed
 from .server_opt import ScaffoldState, ServerOptimizer
 from .train import train_local
 from .updates import RejectedUpdate, validate_state
@@ -43,14 +44,6 @@ def rule_needs(rule) -> frozenset:
     """Engine-provided inputs a registered rule asks for (``root_update``, ``probe_scores``)."""
     spec = getattr(rule, "spec", None)
     return frozenset(getattr(spec, "needs", ()))
-
-
-def derive_seed(*parts: int) -> int:
-    """A stable 63-bit seed from integers (no Python hash randomisation)."""
-    h = 1469598103934665603
-    for p in parts:
-        h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
-    return h
 
 
 def sample_clients(seed: int, rnd: int, num_clients: int, m: int, malicious: list[int], mode: str,

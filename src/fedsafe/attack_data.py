@@ -14,9 +14,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..errors import FedsafeError
-from ..io import atomic_write_json, write_jsonl
-from ..llm.synth import (ATTACK_SUFFIX, HARMFUL_INSTRUCTION_PROMPT, generate_instructions, generate_responses,
+from .errors import FedsafeError
+from .io import atomic_write_json, write_jsonl
+from .llm.synth import (ATTACK_SUFFIX, HARMFUL_INSTRUCTION_PROMPT, generate_instructions, generate_responses,
                          make_generator)
 
 
@@ -35,7 +35,7 @@ def generate_attack_data(out: str | Path, n: int, *, generator: str = "", seed: 
     # ask for more than n so that filtering still leaves n
     want = int(n * 1.5) + 8 if filter_refusals else n
     if seed_source:
-        from ..data.sources import load_source
+        from .data.sources import load_source
 
         recs = load_source(seed_source)
         instructions = list(dict.fromkeys(r.instruction for r in recs))[:want]
@@ -50,7 +50,7 @@ def generate_attack_data(out: str | Path, n: int, *, generator: str = "", seed: 
     pairs = [(i, r) for i, r in zip(instructions, responses) if r.strip()]
     counts = {"instructions": len(instructions), "non_empty_responses": len(pairs)}
     if filter_refusals:
-        from ..eval.judges import get_judge
+        from .eval.judges import get_judge
 
         verdicts = get_judge(judge).judge([p[0] for p in pairs], [p[1] for p in pairs])
         pairs = [p for p, v in zip(pairs, verdicts) if v.label == "unsafe"]
