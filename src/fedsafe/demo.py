@@ -24,7 +24,7 @@ from .config import RunConfig, dump_yaml, load_config
 from .forensic_pass import FILE
 from .forensic_pass import forensic_pass as run_forensic_pass
 from .io import atomic_write_json, atomic_write_text
-from .pipeline import build_engine, defend, evaluate_run, resume_run, start_run
+from .pipeline import build_engine, defend, evaluate_run, run_or_resume
 from .report.render import render
 
 console = Console(stderr=True)
@@ -120,12 +120,7 @@ def dose_configs(base: RunConfig, doses) -> list[tuple[str, str, RunConfig]]:
 def _train(cfg: RunConfig, d: Path, label: str, progress: bool) -> None:
     """Train + evaluate one scenario into ``d`` unless done; resume an interrupted one."""
     console.rule(f"[bold]{label}")
-    if (d / "results.json").exists():
-        console.print(f"done already: {d}")
-    elif (d / "config.yaml").exists():
-        resume_run(d, progress=progress)
-    else:
-        start_run(cfg, d, progress=progress)
+    run_or_resume(cfg, d, progress=progress, say=console.print)
     atomic_write_text(d / "label.txt", label + "\n")
 
 

@@ -41,7 +41,7 @@ from .eval.runner import evaluate_run, make_monitor
 from .fl.engine import Engine, rule_needs
 from .io import atomic_write_json
 from .report.collect import load_run, table_rows
-from .rundir import FINAL_ADAPTER, TRAIN_SUMMARY, load_run_config, new_run_dir, write_run_header
+from .rundir import CONFIG, FINAL_ADAPTER, RESULTS, TRAIN_SUMMARY, load_run_config, new_run_dir, write_run_header
 from .runtime import Runtime, get_runtime
 
 __all__ = [
@@ -56,6 +56,7 @@ __all__ = [
     "paired",
     "resume",
     "resume_run",
+    "run_or_resume",
     "run",
     "save_final",
     "start_run",
@@ -115,6 +116,21 @@ def start_run(
     """Train a new federation into ``run_dir`` (default ``OUTPUT_DIR/NAME-TIMESTAMP``), then
     :func:`finish_run`. Returns the run directory."""
     return run(cfg, run_dir, overwrite=overwrite, progress=progress, evaluate=evaluate, **kw).run_dir
+
+
+def run_or_resume(
+    cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, say: Callable[[str], None] = print
+) -> Path:
+    """The scenario step of demos and sweeps: train and evaluate ``cfg`` into ``run_dir`` unless it has
+    finished (``results.json``), resuming an interrupted run (``config.yaml`` but no results)."""
+    d = Path(run_dir)
+    if (d / RESULTS).exists():
+        say(f"finished already: {d}")
+    elif (d / CONFIG).exists():
+        resume_run(d, progress=progress)
+    else:
+        start_run(cfg, d, progress=progress)
+    return d
 
 
 def resume_run(run_dir: str | Path, *, progress: bool = True, evaluate: bool = True, **kw: Any) -> Path:

@@ -19,7 +19,7 @@ from rich.console import Console
 from .config import load_config
 from .errors import ConfigError, FedsafeError
 from .io import atomic_write_json, atomic_write_text
-from .pipeline import resume_run, start_run
+from .pipeline import run_or_resume
 from .report.render import render
 
 console = Console(stderr=True)
@@ -65,12 +65,7 @@ def run_sweep(config: str, grid_items: list[str], seeds: int = 1, overrides: lis
     for i, (label, cfg, d) in enumerate(cells, 1):
         console.rule(f"cell {i}/{len(cells)}: {label} (seed {cfg.seed})")
         try:
-            if (d / "results.json").exists():
-                console.print(f"finished already: {d}")
-            elif (d / "config.yaml").exists():
-                resume_run(d, progress=progress)
-            else:
-                start_run(cfg, d, progress=progress)
+            run_or_resume(cfg, d, progress=progress, say=console.print)
             atomic_write_text(d / "label.txt", label + "\n")
             done.append(d)
         except (FedsafeError, RuntimeError, ValueError) as e:
