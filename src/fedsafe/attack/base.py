@@ -24,22 +24,13 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
+from ..aggregators.base import Param  # one parameter spec for rules and attacks (default None: it decides)
 from ..errors import ConfigError
 
 KNOWLEDGE = ("omniscient", "estimate")
-
-
-@dataclass(frozen=True)
-class Param:
-    """One attack parameter (``attack.params.NAME``); ``default=None`` means "the attack decides"."""
-
-    default: Any
-    kind: type
-    choices: tuple | None = None
 
 
 @dataclass(frozen=True)
