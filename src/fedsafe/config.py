@@ -78,6 +78,10 @@ class FLConfig:
     min_clients: int = 1  # skip the round if fewer valid updates remain
     prefix_cache: bool = True  # with lora.layers > 0: cache hidden states below the adapted layers once per run
     batch_clients: int = 1  # train up to this many sampled clients together in one batched forward (1 = one by one)
+    # with the prefix cache: compute every client record's lower-layer states in one batched pass before round 0.
+    # auto = when the run's local steps draw at least as many records as the clients hold (most would be met anyway)
+    prefix_precompute: str = "auto"  # auto | always | never (never = lazily, the first time a record is met)
+    prefix_precompute_mb: int = 2048  # memory budget of that pass's states; over it: one line, then lazy
 
 
 @dataclass
@@ -212,6 +216,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "fl.fed_alg": ("fedavg", "fedavgm", "fedadagrad", "fedyogi", "fedadam", "fedprox", "scaffold"),
     "fl.aggregate_on": ("deltas", "weights"),
     "fl.sampling": ("random", "stratified"),
+    "fl.prefix_precompute": ("auto", "always", "never"),
 }
 
 
@@ -469,6 +474,8 @@ def validate(cfg: RunConfig) -> None:
     if cfg.fl.batch_clients > 1 and not cfg.fl.reset_optimizer:
         raise ConfigError("fl.batch_clients > 1 needs fl.reset_optimizer: true (batched clients start each round "
                           "with a fresh AdamW, as the paper); set fl.batch_clients=1 to keep optimiser state")
+    if cfg.fl.prefix_precompute_mb < 0:
+        raise ConfigError(f"fl.prefix_precompute_mb must be >= 0 (MB of up-front prefix states), got {cfg.fl.prefix_precompute_mb}")
     if cfg.lora.layers < 0:
         raise ConfigError(f"lora.layers must be >= 0 (0 = all layers), got {cfg.lora.layers}")
     if not cfg.lora.target_modules:

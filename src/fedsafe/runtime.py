@@ -62,14 +62,14 @@ class Runtime:
             return 0
         return num_layers(self.model.get_base_model()) - self.lora_cfg.layers
 
-    def prefix(self, records, examples) -> list[torch.Tensor]:
+    def prefix(self, records, examples, batch_size: int = 16) -> list[torch.Tensor]:
         """Frozen-prefix hidden states for ``examples`` (memoised by record id, computed once per process)."""
         first = self.first_adapted_layer
         keys = [(r.id, r.instruction, r.response, first, self.model_cfg.template, self.model_cfg.seq_length,
                  self.model_cfg.max_prompt_length) for r in records]
-        todo = [i for i, k in enumerate(keys) if k not in self._prefix_cache]
+        todo = list({k: i for i, k in enumerate(keys) if k not in self._prefix_cache}.values())  # each new key once
         if todo:
-            hs = prefix_hidden(self.model, [examples[i] for i in todo], first, self.device)
+            hs = prefix_hidden(self.model, [examples[i] for i in todo], first, self.device, batch_size=batch_size)
             for i, h in zip(todo, hs):
                 self._prefix_cache[keys[i]] = h
         return [self._prefix_cache[k] for k in keys]

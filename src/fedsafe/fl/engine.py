@@ -30,7 +30,7 @@ from ..errors import FedsafeError
 from ..io import append_jsonl, read_jsonl, write_jsonl
 from ..lm import cosine_lr
 from ..runtime import Runtime, get_runtime
-from . import checkpoint, coalition
+from . import checkpoint, coalition, precompute
 from .client_state import ClientStateStore
 from .seeds import derive_seed
 from .server_opt import ScaffoldState, ServerOptimizer
@@ -80,6 +80,10 @@ class Engine:
         self.sizes = [len(c.records) for c in fed.clients]
         self.first_layer = self.rt.first_adapted_layer
         self.use_prefix = fl.prefix_cache and self.first_layer > 0
+        # decided now, done before the first round this engine runs (Flower clients, which only train, stay lazy)
+        self.prefix_plan = (precompute.plan(fl, self.examples, self.rt.model.get_base_model().config.hidden_size)
+                            if self.use_prefix else None)
+        self.prefix_precomputed: dict | None = None  # what the up-front pass cost, once it ran
         for c, ex in zip(fed.clients, self.examples):
             if not ex:
                 raise FedsafeError(f"client {c.id} has no training examples")
@@ -216,6 +220,13 @@ class Engine:
                 y = self._malicious_behaviour(y, gen)
             yield cid, rt.handle.state_dict(y), {"loss": res.loss, "tokens": res.tokens, "seconds": seconds}
 
+    def precompute_prefix(self) -> dict:
+        """Lower-layer states of every client record in one batched pass, if the plan says so (once per engine)."""
+        if self.prefix_precomputed is None and self.prefix_plan is not None:
+            self.prefix_precomputed = precompute.run(self.rt, [c.records for c in self.fed.clients], self.examples,
+                                                     self.prefix_plan)
+        return self.prefix_precomputed or {}
+
     def _prefix_fn(self, cid: int):
         return self._prefix_fn_for(self.fed.clients[cid].records, self.examples[cid])
 
@@ -263,6 +274,7 @@ class Engine:
 
     def run_round(self, rnd: int) -> dict:
         fl = self.cfg.fl
+        self.precompute_prefix()  # before the clock: a one-off cost, not a round's
         t0 = time.time()
         for store in self._client_stores():
             store.round = rnd
