@@ -139,6 +139,7 @@ def run(model: str, rounds: int, extra: list[str], threads: int) -> dict:
         rt = ours.rt  # one shared base + LoRA adapter: the same model object for all three
         assert full.rt is rt and torch.equal(ours.global_vec, full.global_vec)
         up_front = ours.precompute_prefix()  # the one-off pass (run_round would do it before round 0), timed alone
+        print(f"up front: {up_front}", flush=True)
         fl = cfg.fl
         datasets = [_client_dataset(rt.tokenizer, ex) for ex in ours.examples]
         peer_sd = rt.handle.state_dict(ours.global_vec)  # the same starting adapter
