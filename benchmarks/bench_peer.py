@@ -204,7 +204,7 @@ def render(result: dict) -> list[str]:
         f"{r['ours_cpu_s_per_round']:.2f} | {r['speedup_cpu']:.2f}x | >= {r['target']}x |",
         f"| fedsafe engine, `fl.prefix_cache=false` (full forward) | {r['ours_full_forward_s_per_round']:.2f} | "
         f"{r['speedup_full_forward']:.2f}x | {r['ours_full_forward_cpu_s_per_round']:.2f} | "
-        f"{r['speedup_full_forward_cpu']:.2f}x | |", "", *_up_front_lines(r), 
+        f"{r['speedup_full_forward_cpu']:.2f}x | |", "", *_up_front_lines(r),
         f"Of the peer's round, {r['peer_trainer_setup_s_per_round']:.2f} s is building the {s['clients_per_round']} "
         "trainers (dataset preparation = re-tokenising each client's subset); the rest is `trainer.train()` "
         "and FedAvg.",

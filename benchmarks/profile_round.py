@@ -1,11 +1,12 @@
 """Where one engine round's time goes, at bench_peer.py's settings (demo sizes, frozen-prefix cache on).
 
-    python benchmarks/profile_round.py [--model smollm2-135m-instruct] [--round 1] [--top 25]
+    python benchmarks/profile_round.py [--model smollm2-135m-instruct] [--round 1] [--top 25] [--lazy]
 
-Builds the same engine as bench_peer.py's "ours" side, runs the rounds before ``--round`` unprofiled (they fill
-the prefix cache for the records they meet), then profiles that round with cProfile and prints the functions
-with the most cumulative time, plus the split the issue asks about: computing lower-layer states of records
-met for the first time vs training the top layers vs everything else (validation, aggregation, checkpoint).
+Builds the same engine as bench_peer.py's "ours" side (lower-layer states of every record computed up front;
+``--lazy``: computed when a round first meets a record), runs the rounds before ``--round`` unprofiled, then
+profiles that round with cProfile and prints the functions with the most cumulative time, plus the split the
+issue asks about: computing lower-layer states of records met for the first time vs training the top layers vs
+everything else (validation, aggregation, checkpoint).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 def main() -> None:
     from bench_peer import _cfg
 
+    from fedsafe import runtime
     from fedsafe.fl import train
     from fedsafe.pipeline import build_engine
 
@@ -35,10 +37,12 @@ def main() -> None:
     ap.add_argument("--round", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--lazy", action="store_true", help="fl.prefix_precompute=never: lower-layer states computed "
+                    "when a round first meets a record (bench_peer precomputes them all before round 0)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     spent = {"prefix": 0.0, "train_local": 0.0}
-    wrap = {"prefix": (train, "prefix_hidden"), "train_local": (train, "train_local")}
+    wrap = {"prefix": (runtime, "prefix_hidden"), "train_local": (train, "train_local")}
     for key, (mod, name) in wrap.items():
         fn = getattr(mod, name)
 
@@ -54,7 +58,9 @@ def main() -> None:
 
     engine_mod.train_local = train.train_local  # the engine imported the name before the wrap
     with tempfile.TemporaryDirectory() as tmp:
-        eng = build_engine(_cfg(a.model, a.round + 1, [], prefix_cache=True), tmp, progress=False)
+        extra = ["fl.prefix_precompute=never"] if a.lazy else []
+        eng = build_engine(_cfg(a.model, a.round + 1, extra, prefix_cache=True), tmp, progress=False)
+        eng.precompute_prefix()  # not part of any round (a no-op with --lazy)
         for r in range(a.round):
             eng.run_round(r)
         spent.update(prefix=0.0, train_local=0.0)

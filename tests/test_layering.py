@@ -190,6 +190,8 @@ FORMATTED = [
     "src/fedsafe/pipeline.py",
     "src/fedsafe/eval/judges",
     "src/fedsafe/fl/seeds.py",
+    "src/fedsafe/fl/precompute.py",
+    "tests/test_prefix_precompute.py",
     "tests/test_layering.py",
     "tests/test_merged_start.py",
 ]

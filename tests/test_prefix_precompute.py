@@ -23,7 +23,7 @@ def _rounds(tmp_path, mode: str, monkeypatch, extra=()) -> tuple:
     up_front = list(calls)
     rows = [eng.run_round(r) for r in range(2)]
     monkeypatch.setattr(runtime, "prefix_hidden", real)
-    return eng, info, up_front, calls[len(up_front):], rows
+    return eng, info, up_front, calls[len(up_front) :], rows
 
 
 def test_precomputed_states_give_the_lazy_losses_and_adapter(tmp_path, monkeypatch):
@@ -52,7 +52,9 @@ def test_auto_precomputes_only_when_the_run_meets_most_records(tmp_path):
 
 
 def test_over_budget_says_so_in_one_line_and_stays_lazy(tmp_path, capsys):
-    cfg = load_config("tiny", ["lora.layers=1", "fl.rounds=1", "fl.prefix_precompute=always", "fl.prefix_precompute_mb=0"])
+    cfg = load_config(
+        "tiny", ["lora.layers=1", "fl.rounds=1", "fl.prefix_precompute=always", "fl.prefix_precompute_mb=0"]
+    )
     eng = build_engine(cfg, tmp_path, progress=False)
     row = eng.run_round(0)
     err = [line for line in capsys.readouterr().err.splitlines() if "prefix" in line]

@@ -39,8 +39,9 @@ def plan(fl, examples_per_client: list[list], hidden_size: int) -> PrecomputePla
     if fl.prefix_precompute == "auto" and draws < records:
         return PrecomputePlan(False, records, mb, f"auto: the run draws {draws} records of {records}")
     if mb > fl.prefix_precompute_mb:
-        return PrecomputePlan(False, records, mb, f"{mb:.0f} MB > fl.prefix_precompute_mb={fl.prefix_precompute_mb}",
-                              over_budget=True)
+        return PrecomputePlan(
+            False, records, mb, f"{mb:.0f} MB > fl.prefix_precompute_mb={fl.prefix_precompute_mb}", over_budget=True
+        )
     return PrecomputePlan(True, records, mb, "")
 
 
@@ -48,13 +49,20 @@ def run(rt, records_per_client: list[list], examples_per_client: list[list], p: 
     """Fill the runtime's prefix cache for every client record (one batched pass); returns what it cost."""
     if not p.do:
         if p.over_budget:
-            print(f"fedsafe: frozen-prefix states of all {p.records} client records would take {p.reason}; "
-                  "computing them lazily per record instead", file=sys.stderr)
+            print(
+                f"fedsafe: frozen-prefix states of all {p.records} client records would take {p.reason}; "
+                "computing them lazily per record instead",
+                file=sys.stderr,
+            )
         return {"done": False, "reason": p.reason, "records": p.records, "mb": round(p.mb, 1)}
     recs = [r for rs in records_per_client for r in rs]
     exs = [e for ex in examples_per_client for e in ex]
     t0, c0 = time.perf_counter(), time.process_time()
     rt.prefix(recs, exs, batch_size=32)
-    return {"done": True, "records": p.records, "mb": round(p.mb, 1),
-            "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
-
+    return {
+        "done": True,
+        "records": p.records,
+        "mb": round(p.mb, 1),
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
+    }
