@@ -83,7 +83,7 @@ class FLConfig:
 @dataclass
 class AttackConfig:
     # fedsafe.attack.REGISTRY: data (the paper: ordinary SFT on unaligned data) | none | sign_flip | scale |
-    # gaussian | alie | ipm | min_max | min_sum | stealthy
+    # gaussian | alie | ipm | min_max | min_sum | stealthy | probe_evade (params: weight, safe_n)
     behaviour: str = "data"
     scale: float = 10.0  # for 'scale' (model replacement)
     noise_std: float = 0.01  # for 'gaussian'
