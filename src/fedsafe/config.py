@@ -131,6 +131,8 @@ class DefenseConfig:
     gen_max_new_tokens: int = 64  # Levels 2/3: tokens per generated response
     projection: bool = False  # training-free: remove each round's aggregated delta along the unsafe direction
     projection_threshold: float = 0.0  # project a module when cos(its delta, unsafe direction) exceeds this
+    recovery_share: float = 0.0  # share of aligned defense examples made safety-recovery examples (Qi et al.)
+    recovery_max_tokens: int = 16  # harmful opening of a recovery example: 1..this many tokens
     aligned_data: str = ""  # Level 2 from pre-generated data (the paper's released files): a spec or local file of
     normal_data: str = ""   # harmful prompts with safe answers, and one of normal pairs; set both to skip generation
 
@@ -502,6 +504,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"defense.projection_threshold must be in [-1, 1), got {cfg.defense.projection_threshold}")
     if not 0 <= cfg.defense.aligned_ratio <= 1:
         raise ConfigError(f"defense.aligned_ratio must be in [0, 1], got {cfg.defense.aligned_ratio}")
+    if not 0 <= cfg.defense.recovery_share <= 1:
+        raise ConfigError(f"defense.recovery_share must be in [0, 1], got {cfg.defense.recovery_share}")
+    if cfg.defense.recovery_max_tokens < 1:
+        raise ConfigError(f"defense.recovery_max_tokens must be >= 1, got {cfg.defense.recovery_max_tokens}")
     _check_defense_files(cfg.defense)
     from . import aggregators
 

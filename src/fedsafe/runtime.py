@@ -33,11 +33,12 @@ class Runtime:
         mc = self.model_cfg
         out = []
         for r in records:
-            key = (r.id, r.instruction, r.response, mc.template, mc.seq_length, mc.max_prompt_length)
+            loss_from = int((getattr(r, "meta", None) or {}).get("loss_from", 0))  # > 0: safety-recovery example
+            key = (r.id, r.instruction, r.response, mc.template, mc.seq_length, mc.max_prompt_length, loss_from)
             ex = self._tok_cache.get(key)
             if ex is None:
                 ex = tokenize_pair(self.tokenizer, mc.template, r.instruction, r.response, mc.seq_length,
-                                   mc.max_prompt_length)
+                                   mc.max_prompt_length, loss_from)
                 self._tok_cache[key] = ex
             out.append(ex)
         return out
