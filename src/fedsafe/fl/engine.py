@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from .. import aggregators, attack
+from ..attack.probe_evasion import SEED_OFFSET, safe_answer_pool
 from ..config import RunConfig
 from ..data.partition import Federation
 from ..errors import FedsafeError
@@ -34,7 +35,7 @@ from . import checkpoint, coalition
 from .client_state import ClientStateStore
 from .seeds import derive_seed
 from .server_opt import ScaffoldState, ServerOptimizer
-from .train import train_local
+from .train import AuxTerm, train_local
 from .updates import RejectedUpdate, validate_state
 
 UpdateHook = Callable[[int, int, dict], dict]
@@ -238,8 +239,6 @@ class Engine:
         here, before training, when the pool is too small."""
         if not (self.attack_spec.regulariser and self.malicious):
             return None
-        from ..attack.probe_evasion import SEED_OFFSET, safe_answer_pool
-
         recs = safe_answer_pool(self.fed, self.cfg.data.defense_aligned, derive_seed(self.cfg.seed, SEED_OFFSET),
                                 self.attack_params["safe_n"])
         return recs, self.rt.tokenize(recs)
@@ -249,9 +248,6 @@ class Engine:
         batches are seeded apart from the client's own, which stay those of the data-only attack."""
         if self.attack_aux is None:
             return None
-        from ..attack.probe_evasion import SEED_OFFSET
-        from .train import AuxTerm
-
         recs, ex = self.attack_aux
         return AuxTerm(ex, self.attack_params["weight"], torch.Generator().manual_seed(derive_seed(seed, SEED_OFFSET)),
                        self._prefix_fn_for(recs, ex) if self.use_prefix else None)
