@@ -40,11 +40,12 @@ def test_folding_a_start_equals_applying_it_as_an_adapter():
     assert torch.equal(logits(rt, fresh, ids), plain)  # restored exactly, not add-then-subtract
 
 
-def test_merge_needs_a_start_and_excludes_projection():
-    with pytest.raises(ConfigError, match="init.merge"):
-        load_config("tiny", ["init.merge=true"])
+def test_merge_without_a_start_is_a_fresh_lora_and_excludes_projection():
+    cfg = load_config("demo", ["init.adapter="])  # the preset merges; a fresh start has nothing to fold
+    assert cfg.init.merge and not cfg.init.merged
     with pytest.raises(ConfigError, match="init.merge"):
         load_config("tiny", MERGED + ["defense.projection=true"])
+    assert not load_config("tiny", MERGED + ["defense.projection=true", "init.merge=false"]).init.merged
 
 
 def test_merged_run_trains_a_fresh_lora_and_every_reader_uses_its_base(tmp_path):

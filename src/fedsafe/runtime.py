@@ -115,7 +115,7 @@ def use_run_base(rt: Runtime, cfg: RunConfig, run_dir: str | Path) -> None:
     """Put ``run_dir``'s base model in place: with ``init.merge`` its ``start_adapter/`` folded into the base
     weights, otherwise the base as loaded. Every reader of a run's adapters calls this first, because one
     runtime serves runs of both kinds in a process."""
-    if not cfg.init.merge:
+    if not cfg.init.merged:
         rt.set_base_delta(None)
         return
     d = Path(run_dir) / START_ADAPTER

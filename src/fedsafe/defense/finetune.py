@@ -117,7 +117,7 @@ def defend_run(source: str | Path, *, level: int | None = None, steps: int | Non
     out = Path(out)
     resuming = (out / "defense.json").exists()
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.init.merge:  # the defended adapter sits on the same merged start: the run dir must say which
+    if cfg.init.merged:  # the defended adapter sits on the same merged start: the run dir must say which
         rt.handle.save_adapter(out / START_ADAPTER, rt.handle.load_adapter_dir(source / START_ADAPTER))
     if resuming:
         records = [Record.from_dict(r) for r in read_jsonl(out / "defense_data.jsonl")]
