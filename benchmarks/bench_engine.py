@@ -32,7 +32,8 @@ def _cfg(model: str, extra: list[str]):
     from fedsafe.config import load_config
 
     base = "tiny" if model == "tiny" else "demo"
-    return load_config(base, [f"model.name={model}", "monitor.every=0", "eval.max_new_tokens=4",
+    # init.adapter= : the demo's server alignment is a one-off before the federation, not engine overhead
+    return load_config(base, [f"model.name={model}", "monitor.every=0", "eval.max_new_tokens=4", "init.adapter=",
                               f"model.autocast={AUTOCAST}"] + extra)
 
 

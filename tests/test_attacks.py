@@ -217,5 +217,7 @@ def test_sweep_with_an_attack_axis_draws_the_matrix(tmp_path):
     m = json.loads((root / "report" / "matrix.json").read_text())
     assert m["defenses"] == ["mean", "median"] and m["attacks"] == ["data", "ipm"]
     assert all(v is not None for d in m["defenses"] for v in m["refusal"][d])
+    # real eval outputs: median is tested against the no-defense row (mean) prompt by prompt
+    assert m["reference"] == "mean" and all(t["pairs"] == 8 for t in m["tests"]["refusal"]["median"])
     assert (root / "report" / "attack_matrix.png").stat().st_size > 1000
     assert "worst case" in (root / "report" / "matrix.md").read_text()

@@ -40,11 +40,12 @@ def test_folding_a_start_equals_applying_it_as_an_adapter():
     assert torch.equal(logits(rt, fresh, ids), plain)  # restored exactly, not add-then-subtract
 
 
-def test_merge_needs_a_start_and_excludes_projection():
-    with pytest.raises(ConfigError, match="init.merge"):
-        load_config("tiny", ["init.merge=true"])
+def test_merge_without_a_start_is_a_fresh_lora_and_excludes_projection():
+    cfg = load_config("demo", ["init.adapter="])  # the preset merges; a fresh start has nothing to fold
+    assert cfg.init.merge and not cfg.init.merged
     with pytest.raises(ConfigError, match="init.merge"):
         load_config("tiny", MERGED + ["defense.projection=true"])
+    assert not load_config("tiny", MERGED + ["defense.projection=true", "init.merge=false"]).init.merged
 
 
 def test_merged_run_trains_a_fresh_lora_and_every_reader_uses_its_base(tmp_path):
@@ -86,3 +87,17 @@ def test_merged_run_trains_a_fresh_lora_and_every_reader_uses_its_base(tmp_path)
     shutil.rmtree(fin.run_dir / START_ADAPTER)
     with pytest.raises(FedsafeError, match="start_adapter"):
         evaluate_target(str(fin.run_dir), bench="tiny-harmful", limit=2, progress=False, out=tmp_path / "ev2")
+
+
+def test_demo_with_a_merged_start_reports_the_start_on_the_shipped_base(tmp_path):
+    """The demo's reference rows evaluate on the base as shipped while the scenarios train on the merged
+    base: the start row must be the merged model (start adapter on the plain base), the shipped row the plain
+    base, and every trained scenario must carry its start_adapter/ so that later readers can fold it in."""
+    from fedsafe.demo import run_demo
+
+    ov = ["fl.rounds=1", "eval.max_new_tokens=4", *MERGED[1:]]
+    d = run_demo("tiny", ov, tmp_path / "demo", quick=True, levels=(1,), progress=False)
+    rows = {r["method"]: r for r in json.loads((d / "report" / "table.json").read_text())["rows"]}
+    assert "Start of federation (server-aligned)" in rows and "Model as shipped (no adapter)" in rows
+    runs = [p.parent for p in (d / "runs").glob("*/final_adapter")]
+    assert runs and all((r / START_ADAPTER / "adapter_model.safetensors").exists() for r in runs)

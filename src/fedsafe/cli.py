@@ -298,12 +298,14 @@ def sweep_cmd(
     seeds: int = typer.Option(1, "--seeds", help="Seeds per grid point (mean ± std in the report)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Sweep directory (an existing one is resumed)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
+    reference: Optional[str] = typer.Option(None, "--reference", help="Defense row the attack x defense matrix "
+                                            "tests every cell against (default: plain FedAvg without defense)."),
 ):
     """Run a resumable matrix of runs and render one report."""
     from .sweep import run_sweep
 
     source, overrides = _split_args(args)
-    out.print(str(run_sweep(source, grid, seeds, overrides, out_dir, progress=not quiet)))
+    out.print(str(run_sweep(source, grid, seeds, overrides, out_dir, progress=not quiet, reference=reference)))
 
 
 @app.command("report")

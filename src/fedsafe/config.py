@@ -87,7 +87,7 @@ class FLConfig:
 @dataclass
 class AttackConfig:
     # fedsafe.attack.REGISTRY: data (the paper: ordinary SFT on unaligned data) | none | sign_flip | scale |
-    # gaussian | alie | ipm | min_max | min_sum | stealthy
+    # gaussian | alie | ipm | min_max | min_sum | stealthy | probe_evade (params: weight, safe_n)
     behaviour: str = "data"
     scale: float = 10.0  # for 'scale' (model replacement)
     noise_std: float = 0.01  # for 'gaussian'
@@ -135,6 +135,8 @@ class DefenseConfig:
     gen_max_new_tokens: int = 64  # Levels 2/3: tokens per generated response
     projection: bool = False  # training-free: remove each round's aggregated delta along the unsafe direction
     projection_threshold: float = 0.0  # project a module when cos(its delta, unsafe direction) exceeds this
+    recovery_share: float = 0.0  # share of aligned defense examples made safety-recovery examples (Qi et al.)
+    recovery_max_tokens: int = 16  # harmful opening of a recovery example: 1..this many tokens
     aligned_data: str = ""  # Level 2 from pre-generated data (the paper's released files): a spec or local file of
     normal_data: str = ""   # harmful prompts with safe answers, and one of normal pairs; set both to skip generation
 
@@ -146,12 +148,18 @@ class InitConfig:
 
     adapter: str = ""  # "" = fresh LoRA | "align" = server-side safety alignment first | path to a peft adapter dir
     merge: bool = False  # fold that adapter into the base weights and federate a fresh LoRA on it (the paper's
-    # setting: a fresh LoRA on a safety-aligned model); False = the federation continues the start adapter
+    # setting: a fresh LoRA on a safety-aligned model); False = the federation continues the start adapter.
+    # Without an adapter (adapter: "") there is nothing to fold: a fresh LoRA on the base either way.
     steps: int = 60  # alignment steps
     n: int = 400  # alignment samples, reserved from the held-out pools (never given to clients or defense)
     aligned_ratio: float = 0.4
     lr: float = 5e-4
     batch_size: int = 8
+
+    @property
+    def merged(self) -> bool:
+        """Whether the start adapter is folded into the base (``merge`` with an adapter to fold)."""
+        return bool(self.merge and self.adapter)
 
 
 @dataclass
@@ -504,10 +512,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"attack.benign_mix must be in [0, 1), got {cfg.attack.benign_mix}")
     if cfg.defense.level not in (1, 2, 3):
         raise ConfigError(f"defense.level must be 1, 2 or 3, got {cfg.defense.level}")
-    if cfg.init.merge and not cfg.init.adapter:
-        raise ConfigError("init.merge=true folds a start adapter into the base model: set init.adapter=align "
-                          "(or a path to a peft adapter directory)")
-    if cfg.defense.projection and cfg.init.merge:
+    if cfg.defense.projection and cfg.init.merged:
         raise ConfigError("defense.projection reads the unsafe direction off the start adapter's LoRA "
                           "parameters, which init.merge=true folds away: use one or the other")
     if cfg.defense.projection and not cfg.init.adapter:
@@ -517,6 +522,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"defense.projection_threshold must be in [-1, 1), got {cfg.defense.projection_threshold}")
     if not 0 <= cfg.defense.aligned_ratio <= 1:
         raise ConfigError(f"defense.aligned_ratio must be in [0, 1], got {cfg.defense.aligned_ratio}")
+    if not 0 <= cfg.defense.recovery_share <= 1:
+        raise ConfigError(f"defense.recovery_share must be in [0, 1], got {cfg.defense.recovery_share}")
+    if cfg.defense.recovery_max_tokens < 1:
+        raise ConfigError(f"defense.recovery_max_tokens must be >= 1, got {cfg.defense.recovery_max_tokens}")
     _check_defense_files(cfg.defense)
     from . import aggregators
 

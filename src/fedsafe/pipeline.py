@@ -98,7 +98,7 @@ def build_engine(cfg: RunConfig, run_dir: Path, *, progress: bool = True, **kw: 
         kw["round_callback"] = make_monitor(cfg, fed, rt)
     eng = Engine(cfg, run_dir, fed, rt, progress=progress, **kw)
     eng.start_vec = initial_vec(cfg, fed, rt, align_records, progress=progress)
-    if cfg.init.merge:  # the start becomes part of the base model; the federation trains a fresh LoRA on it
+    if cfg.init.merged:  # the start becomes part of the base model; the federation trains a fresh LoRA on it
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         rt.handle.save_adapter(Path(run_dir) / START_ADAPTER, eng.start_vec)  # readers of the run need it
         rt.set_base_delta(eng.start_vec)

@@ -39,11 +39,12 @@ class Runtime:
         mc = self.model_cfg
         out = []
         for r in records:
-            key = (r.id, r.instruction, r.response, mc.template, mc.seq_length, mc.max_prompt_length)
+            loss_from = int((getattr(r, "meta", None) or {}).get("loss_from", 0))  # > 0: safety-recovery example
+            key = (r.id, r.instruction, r.response, mc.template, mc.seq_length, mc.max_prompt_length, loss_from)
             ex = self._tok_cache.get(key)
             if ex is None:
                 ex = tokenize_pair(self.tokenizer, mc.template, r.instruction, r.response, mc.seq_length,
-                                   mc.max_prompt_length)
+                                   mc.max_prompt_length, loss_from)
                 self._tok_cache[key] = ex
             out.append(ex)
         return out
@@ -114,7 +115,7 @@ def use_run_base(rt: Runtime, cfg: RunConfig, run_dir: str | Path) -> None:
     """Put ``run_dir``'s base model in place: with ``init.merge`` its ``start_adapter/`` folded into the base
     weights, otherwise the base as loaded. Every reader of a run's adapters calls this first, because one
     runtime serves runs of both kinds in a process."""
-    if not cfg.init.merge:
+    if not cfg.init.merged:
         rt.set_base_delta(None)
         return
     d = Path(run_dir) / START_ADAPTER

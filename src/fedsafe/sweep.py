@@ -43,7 +43,9 @@ def _slug(s: str) -> str:
 
 
 def run_sweep(config: str, grid_items: list[str], seeds: int = 1, overrides: list[str] | None = None,
-              out_dir: str | Path | None = None, progress: bool = True) -> Path:
+              out_dir: str | Path | None = None, progress: bool = True, reference: str | None = None) -> Path:
+    """Run every cell, then render the report. ``reference``: the defense row of the attack x defense matrix
+    that the significance marks compare with (default: the row that is plain FedAvg without any defense)."""
     grid = parse_grid(grid_items)
     if seeds < 1:
         raise ConfigError("--seeds must be >= 1")
@@ -60,6 +62,12 @@ def run_sweep(config: str, grid_items: list[str], seeds: int = 1, overrides: lis
         for s in range(seeds):
             cfg = load_config(config, list(overrides or []) + assign + [f"seed={base.seed + s}"])
             cells.append((label, cfg, root / "cells" / _slug(f"{'_'.join(assign) or 'base'}_seed{base.seed + s}")))
+    if reference is not None:
+        from .report.matrix import split_label
+
+        rows = list(dict.fromkeys(split_label(label)[0] for label, _, _ in cells))
+        if reference not in rows:
+            raise ConfigError(f"--reference {reference!r} is not a defense row of this grid; rows: {', '.join(rows)}")
     failures = {}
     done = []
     for i, (label, cfg, d) in enumerate(cells, 1):
@@ -76,7 +84,7 @@ def run_sweep(config: str, grid_items: list[str], seeds: int = 1, overrides: lis
     atomic_write_json(root / "failures.json", failures)
     if done:
         render(done, root / "report", title=f"fedsafe sweep: {base.name}",
-               notes=f"grid: {'; '.join(f'{k} in {v}' for k, v in grid)}; seeds: {seeds}")
+               notes=f"grid: {'; '.join(f'{k} in {v}' for k, v in grid)}; seeds: {seeds}", matrix_reference=reference)
     if failures and not done:
         raise FedsafeError(f"every cell failed; see {root / 'failures.json'}")
     return root

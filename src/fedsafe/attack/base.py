@@ -4,7 +4,8 @@ A behaviour is a plain function registered with :func:`register`. Two scopes:
 
 * ``client``: called on one malicious client's own trained update, right after its local training,
   ``fn(delta, gen, **params) -> delta | None`` (``None``: send the trained adapter unchanged, which
-  keeps the data-only attack bit-identical). The attacker knows only its own update.
+  keeps the data-only attack bit-identical). The attacker knows only its own update. With
+  ``regulariser=True`` the client's local training also gets an extra loss term (``probe_evade``).
 * ``round``: called once per round for the colluding malicious clients together,
   ``fn(ctx: RoundContext, **params) -> (crafted (n_mal, d), info)``. It needs benign updates, which the
   engine supplies according to the attacker's *knowledge*:
@@ -42,6 +43,7 @@ class AttackSpec:
     min_benign: int = 0  # benign updates the crafting needs (e.g. 2 for a standard deviation)
     bounds: Callable[[dict], None] | None = None
     targets_aggregator: bool = False  # has a mode that simulates the server's rule (must be simulable)
+    regulariser: bool = False  # client scope: trains with an extra loss term (``weight``, ``safe_n`` params)
 
 
 @dataclass
@@ -71,13 +73,14 @@ def fail(name: str, message: str) -> None:
 
 def register(name: str, *, scope: str, params: dict[str, Param] | None = None, knowledge: tuple[str, ...] = (),
              min_benign: int = 0, bounds: Callable[[dict], None] | None = None,
-             targets_aggregator: bool = False) -> Callable:
+             targets_aggregator: bool = False, regulariser: bool = False) -> Callable:
     """Register a behaviour function under ``name`` (see the module docstring for the two signatures)."""
     if scope not in ("client", "round"):
         raise ValueError(f"scope must be client or round, got {scope!r}")
     if scope == "round" and not knowledge:
         raise ValueError(f"round-scope attack {name!r} must declare its knowledge")
-    spec = AttackSpec(name, scope, dict(params or {}), tuple(knowledge), min_benign, bounds, targets_aggregator)
+    spec = AttackSpec(name, scope, dict(params or {}), tuple(knowledge), min_benign, bounds, targets_aggregator,
+                      regulariser)
 
     def decorator(fn: Callable) -> Callable:
         if name in REGISTRY:

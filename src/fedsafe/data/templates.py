@@ -58,16 +58,25 @@ class Example:
 
 
 def tokenize_pair(tokenizer, template: str, instruction: str, response: str, seq_length: int,
-                  max_prompt_length: int) -> Example:
+                  max_prompt_length: int, loss_from: int = 0) -> Example:
+    """``loss_from > 0``: the first ``loss_from`` characters of ``response`` are context, not targets (a
+    safety-recovery example's harmful opening, :func:`fedsafe.defense.data.with_recovery`); they keep at most
+    half of the response budget so that the part trained on is never cut away."""
     # add_special_tokens=True for the prompt (a BOS where the tokenizer uses one) matches how the
     # evaluation generator tokenises prompts, so training and generation see the same inputs
     p = tokenizer(format_prompt(template, tokenizer, instruction), add_special_tokens=True)["input_ids"]
-    r = tokenizer(format_response(template, tokenizer, response), add_special_tokens=False)["input_ids"]
+    text = format_response(template, tokenizer, response)
     if len(p) > max_prompt_length:
         # keep the end of the prompt: it carries the template's "assistant" marker the model must see
         head = max_prompt_length // 2
         p = p[:head] + p[len(p) - (max_prompt_length - head):]
-    r = r[: max(1, seq_length - len(p))]
+    budget = max(1, seq_length - len(p))
+    if loss_from > 0:
+        cut = max(text.find(response), 0) + loss_from
+        pre = tokenizer(text[:cut], add_special_tokens=False)["input_ids"][: budget // 2]
+        r = tokenizer(text[cut:], add_special_tokens=False)["input_ids"][: max(1, budget - len(pre))]
+        return Example(input_ids=p + pre + r, labels=[IGNORE] * (len(p) + len(pre)) + r)
+    r = tokenizer(text, add_special_tokens=False)["input_ids"][:budget]
     return Example(input_ids=p + r, labels=[IGNORE] * len(p) + r)
 
 

@@ -10,6 +10,9 @@
 Generated aligned responses can be filtered with the refusal judge (``filter_refusals``): only those the
 judge counts as refusals are kept (the paper's released data kept artefacts such as "I apologize for the
 previous response"). Every count is recorded in the provenance.
+
+Any level can carry *safety-recovery examples* (``defense.recovery_share``; Qi et al., "Safety Alignment
+Should Be Made More Than Just a Few Tokens Deep", ICLR 2025): :func:`with_recovery`.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ from ..assets import cache_dir
 from ..config import RunConfig
 from ..data.partition import Federation
 from ..data.records import Record
+from ..data.safe_responses import safe_response
 from ..errors import FedsafeError
 from ..eval.judges import get_judge
+from ..fl.seeds import derive_seed
 from ..io import atomic_write_json, read_jsonl, write_jsonl
 from ..llm.synth import (HARMFUL_INSTRUCTION_PROMPT, NORMAL_INSTRUCTION_PROMPT, SAFE_SUFFIX,
                          generate_instructions, generate_responses)
@@ -150,3 +155,47 @@ def generated(generator, n: int, aligned_ratio: float, *, seed: int, filter_refu
         write_jsonl(cache, [r.to_dict() for r in recs])
         atomic_write_json(cache.with_suffix(".json"), prov)
     return recs, prov
+
+
+RECOVERY_SEED = 3_000_017  # seeds the choice of recovery examples and their prefix lengths
+
+
+def with_recovery(recs: list[Record], prov: dict, fed: Federation, share: float, max_tokens: int, tokenizer,
+                  seed: int) -> tuple[list[Record], dict]:
+    """Replace ``share`` of the aligned examples by safety-recovery examples (Qi et al., ICLR 2025, §3).
+
+    Qi et al. train on triplets (harmful prompt x, harmful answer h, refusal r) as ``-log p(r | x, h_<=k)``:
+    the response opens with the first k tokens of the harmful answer and then recovers into a refusal, the
+    loss falling on the refusal only, so that safety does not hinge on the first few output tokens. They mix
+    these with ordinary refusals (k = 0) and draw k uniformly up to a cap C (as we read their method; no code
+    of theirs is used); here ``share`` sets the mixture and
+    ``max_tokens`` is C (capped below the answer's length). x and h come from held-out unaligned records (the
+    malicious sources' part no client received: the server's red-team set, as the update classifier's); r is
+    the offline safe response for x (the same generator as the aligned data). The harmful opening is stored
+    in the response with ``meta["loss_from"]`` (its length in characters), which tokenisation turns into
+    ignored labels. The total and aligned counts stay those of the level; ``share = 0`` returns ``recs``
+    unchanged.
+    """
+    aligned_at = [i for i, r in enumerate(recs) if r.kind == "aligned"]
+    k = int(round(len(aligned_at) * share))
+    if k == 0:
+        return recs, prov
+    pool = sorted((r for v in fed.heldout.values() for r in v if r.kind == "unaligned"), key=lambda r: r.id)
+    if len(pool) < k:
+        raise FedsafeError(f"defense.recovery_share={share} needs {k} held-out harmful answers (unaligned records no "
+                           f"client received) to build recovery examples from, found {len(pool)}; lower "
+                           "defense.recovery_share or give the malicious sources more records")
+    rng = random.Random(derive_seed(seed, RECOVERY_SEED))
+    out, lengths = list(recs), []
+    for i, h in zip(rng.sample(aligned_at, k), rng.sample(pool, k)):
+        ids = tokenizer(h.response, add_special_tokens=False)["input_ids"]
+        n = rng.randint(1, max(1, min(max_tokens, len(ids) - 1)))
+        opening = tokenizer.decode(ids[:n])
+        refusal = safe_response(h.instruction, key=h.id)
+        response = opening + ("" if opening.endswith((" ", "\n")) else " ") + refusal
+        out[i] = Record(h.instruction, response, "aligned", f"recovery:{h.source}",
+                        {"loss_from": len(opening), "harmful_prefix_tokens": n, "recovery_of": h.id})
+        lengths.append(n)
+    prov = dict(prov, recovery={"examples": k, "share": share, "max_tokens": max_tokens, "pool_unaligned": len(pool),
+                                "prefix_tokens_mean": sum(lengths) / k, "method": "Qi et al. 2025 safety recovery"})
+    return out, prov

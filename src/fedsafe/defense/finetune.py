@@ -117,7 +117,7 @@ def defend_run(source: str | Path, *, level: int | None = None, steps: int | Non
     out = Path(out)
     resuming = (out / "defense.json").exists()
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.init.merge:  # the defended adapter sits on the same merged start: the run dir must say which
+    if cfg.init.merged:  # the defended adapter sits on the same merged start: the run dir must say which
         rt.handle.save_adapter(out / START_ADAPTER, rt.handle.load_adapter_dir(source / START_ADAPTER))
     if resuming:
         records = [Record.from_dict(r) for r in read_jsonl(out / "defense_data.jsonl")]
@@ -159,6 +159,15 @@ def _brief(r: dict) -> dict:
 
 def build_defense_records(cfg: RunConfig, fed: Federation, rt: Runtime, global_vec: torch.Tensor,
                           progress: bool = True) -> tuple[list[Record], dict]:
+    """The level's defense data, with ``defense.recovery_share`` of its aligned examples made safety-recovery
+    examples (:func:`fedsafe.defense.data.with_recovery`)."""
+    recs, prov = _level_records(cfg, fed, rt, global_vec, progress)
+    d = cfg.defense
+    return ddata.with_recovery(recs, prov, fed, d.recovery_share, d.recovery_max_tokens, rt.tokenizer, cfg.seed)
+
+
+def _level_records(cfg: RunConfig, fed: Federation, rt: Runtime, global_vec: torch.Tensor,
+                   progress: bool) -> tuple[list[Record], dict]:
     d = cfg.defense
     if d.level == 1:
         return ddata.level1(fed, cfg.data.defense_aligned, cfg.data.defense_normal, d.n, d.aligned_ratio, cfg.seed)
@@ -192,7 +201,8 @@ def inline_defense_hook(cfg: RunConfig, fed: Federation, rt: Runtime) -> Callabl
     the fresh aggregate for ``defense.inline_steps`` steps on Level-1 defense data, instead of (or before)
     the post-hoc defense. Its cost per application is ``inline_steps`` server steps."""
     d = cfg.defense
-    records, _ = ddata.level1(fed, cfg.data.defense_aligned, cfg.data.defense_normal, d.n, d.aligned_ratio, cfg.seed)
+    records, prov = ddata.level1(fed, cfg.data.defense_aligned, cfg.data.defense_normal, d.n, d.aligned_ratio, cfg.seed)
+    records, _ = ddata.with_recovery(records, prov, fed, d.recovery_share, d.recovery_max_tokens, rt.tokenizer, cfg.seed)
     examples = rt.tokenize(records)
     first = rt.first_adapted_layer
     prefix_fn = (lambda idx: rt.prefix([records[i] for i in idx], [examples[i] for i in idx])) if first else None

@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from .. import aggregators, attack
+from ..attack.probe_evasion import SEED_OFFSET, safe_answer_pool
 from ..config import RunConfig
 from ..data.partition import Federation
 from ..errors import FedsafeError
@@ -34,7 +35,7 @@ from . import checkpoint, coalition, precompute
 from .client_state import ClientStateStore
 from .seeds import derive_seed
 from .server_opt import ScaffoldState, ServerOptimizer
-from .train import train_local
+from .train import AuxTerm, train_local
 from .updates import RejectedUpdate, validate_state
 
 UpdateHook = Callable[[int, int, dict], dict]
@@ -112,6 +113,7 @@ class Engine:
         self.attack_spec = attack.get_spec(cfg.attack.behaviour)
         self.attack_params = attack.resolve_params(self.attack_spec, cfg.attack.params)
         self.ref_examples = coalition.reference_shards(self) if self._attack_knowledge() == "estimate" else []
+        self.attack_aux = self._attack_regulariser()  # (records, examples) of a regularised attack, else None
 
     # ------------------------------------------------------------------ state
     def _new_scaffold(self, c: torch.Tensor) -> ScaffoldState:
@@ -177,6 +179,7 @@ class Engine:
             optimizer_state=None if fl.reset_optimizer else self.client_opt.get(cid),
             prox_mu=prox, prox_center=self.global_vec if prox else None, grad_correction=corr,
             prefix_fn=self._prefix_fn(cid) if self.use_prefix else None, first_layer=self.first_layer,
+            aux=self._aux_term(seed) if cid in self.malicious else None,
         )
         if not fl.reset_optimizer:
             self.client_opt[cid] = opt_state  # kept for this client's next round (written with this round)
@@ -192,8 +195,9 @@ class Engine:
         g = self.cfg.fl.batch_clients
         for s in range(0, len(sampled), g):
             group = sampled[s : s + g]
-            if len(group) == 1:
-                yield group[0], *self.client_update(group[0], rnd, lr)
+            if len(group) == 1 or (self.attack_aux is not None and any(c in self.malicious for c in group)):
+                for c in group:  # a regularised attack trains its malicious clients through client_update
+                    yield c, *self.client_update(c, rnd, lr)
             else:
                 yield from self.client_group_update(group, rnd, lr)
 
@@ -240,6 +244,24 @@ class Engine:
         if self.attack_spec.scope != "client":
             return y
         return attack.apply_client(self.cfg.attack.behaviour, y, self.global_vec, gen, self.cfg.attack)
+
+    def _attack_regulariser(self):
+        """The regularised attack's data (``probe_evade``: held-out safe answers), tokenised once; refused
+        here, before training, when the pool is too small."""
+        if not (self.attack_spec.regulariser and self.malicious):
+            return None
+        recs = safe_answer_pool(self.fed, self.cfg.data.defense_aligned, derive_seed(self.cfg.seed, SEED_OFFSET),
+                                self.attack_params["safe_n"])
+        return recs, self.rt.tokenize(recs)
+
+    def _aux_term(self, seed: int):
+        """The extra loss term of a malicious client's training (None without a regularised attack); its
+        batches are seeded apart from the client's own, which stay those of the data-only attack."""
+        if self.attack_aux is None:
+            return None
+        recs, ex = self.attack_aux
+        return AuxTerm(ex, self.attack_params["weight"], torch.Generator().manual_seed(derive_seed(seed, SEED_OFFSET)),
+                       self._prefix_fn_for(recs, ex) if self.use_prefix else None)
 
     def _attack_knowledge(self) -> str:
         return attack.knowledge_of(self.attack_spec, self.cfg.attack.knowledge) if self.malicious else ""

@@ -16,6 +16,20 @@ from ..lm import collate_prefix, response_loss
 
 
 @dataclass
+class AuxTerm:
+    """An extra loss term of local training: ``weight`` x the response loss on a second data set.
+
+    Its batches come from its own generator ``gen``, so the main data's batches (drawn from the client's
+    generator) are exactly those of training without the term. ``prefix_fn`` indexes ``examples``.
+    """
+
+    examples: Sequence[Example]
+    weight: float
+    gen: torch.Generator
+    prefix_fn: object = None
+
+
+@dataclass
 class LocalResult:
     loss: float  # token-weighted mean training loss over the local steps
     steps: int
@@ -55,6 +69,7 @@ def train_local(
     lr_fn=None,
     prefix_fn=None,
     first_layer: int = 0,
+    aux: AuxTerm | None = None,
 ) -> tuple[LocalResult, dict]:
     """Run ``steps`` optimiser steps on the live LoRA parameters of ``handle``.
 
@@ -62,6 +77,7 @@ def train_local(
     ``grad_correction``: SCAFFOLD's (c - c_i), added to the gradient before each step.
     ``prefix_fn(indices)``: cached hidden states entering layer ``first_layer`` for those examples.
     ``lr_fn(step)``: a per-step learning rate (the server-side defense uses a cosine over its steps).
+    ``aux``: an extra loss term added to every micro-batch's objective (the reported loss stays the main one).
     Returns the result and the optimiser state (kept by the caller only if it wants to).
     """
     model = handle.model
@@ -75,6 +91,7 @@ def train_local(
     prox_parts = split_flat(prox_center, params, device) if (prox_mu > 0 and prox_center is not None) else None
     corr_parts = split_flat(grad_correction, params, device) if grad_correction is not None else None
     plan = batch_plan(len(examples), steps, batch_size, grad_accum, gen)
+    aux_plan = batch_plan(len(aux.examples), steps, batch_size, grad_accum, aux.gen) if aux is not None else None
     tot_loss, tot_tok = 0.0, 0
     for s in range(steps):
         if lr_fn is not None:
@@ -82,13 +99,14 @@ def train_local(
                 g["lr"] = lr_fn(s)
         opt.zero_grad(set_to_none=True)
         micro = plan[s * grad_accum : (s + 1) * grad_accum]
-        for idx in micro:
-            if prefix_fn is not None:  # frozen-prefix caching: hidden states below the adapted layers
-                batch = collate_prefix([examples[i] for i in idx], prefix_fn(idx), first_layer, device)
-            else:
-                batch = collate([examples[i] for i in idx], pad_id, device)
-            loss, n = response_loss(model, batch, autocast)
+        for j, idx in enumerate(micro):
+            loss, n = response_loss(model, _batch(examples, idx, prefix_fn, first_layer, pad_id, device), autocast)
             obj = loss / grad_accum
+            if aux_plan is not None and aux.weight > 0:
+                a_idx = aux_plan[s * grad_accum + j]
+                a_loss, _ = response_loss(model, _batch(aux.examples, a_idx, aux.prefix_fn, first_layer, pad_id, device),
+                                          autocast)
+                obj = obj + aux.weight * a_loss / grad_accum
             if prox_parts is not None:
                 obj = obj + (prox_mu / 2) * sum(((p - c) ** 2).sum() for p, c in zip(params, prox_parts)) / grad_accum
             obj.backward()
@@ -104,6 +122,12 @@ def train_local(
     model.eval()
     mean = tot_loss / tot_tok if tot_tok else float("nan")
     return LocalResult(loss=mean, steps=steps, tokens=tot_tok), opt.state_dict()
+
+
+def _batch(examples, idx, prefix_fn, first_layer, pad_id, device) -> dict:
+    if prefix_fn is not None:  # frozen-prefix caching: hidden states below the adapted layers
+        return collate_prefix([examples[i] for i in idx], prefix_fn(idx), first_layer, device)
+    return collate([examples[i] for i in idx], pad_id, device)
 
 
 def split_flat(vec: torch.Tensor, params, device) -> list[torch.Tensor]:

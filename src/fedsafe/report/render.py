@@ -70,7 +70,8 @@ def write_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def render(run_dirs: list[str | Path], out_dir: str | Path, title: str = "fedsafe report", notes: str = "") -> Path:
+def render(run_dirs: list[str | Path], out_dir: str | Path, title: str = "fedsafe report", notes: str = "",
+           matrix_reference: str | None = None) -> Path:
     from . import plots
 
     runs = [load_run(d) for d in run_dirs]  # every run directory checked before anything is written
@@ -92,7 +93,7 @@ def render(run_dirs: list[str | Path], out_dir: str | Path, title: str = "fedsaf
             figs[name] = png
     from . import matrix
 
-    m = matrix.build(runs)  # only for sweeps with an attack axis
+    m = matrix.build(runs, reference=matrix_reference)  # only for sweeps with an attack axis
     if m is not None:
         atomic_write_text(out / "matrix.md", matrix.markdown(m))
         atomic_write_json(out / "matrix.json", m)
@@ -116,7 +117,9 @@ _CAPTIONS = {
                       "(fedsafe.forensic_pass) every client has trained once from the same global adapter and "
                       "every pair is shown; otherwise only pairs sampled in the same round are.",
     "attack_matrix": "Refusal on harmful prompts for every defense x attack cell (mean over seeds); the last "
-                     "column is each defense's worst case over the attacks (matrix.md has false refusal too).",
+                     "column is each defense's worst case over the attacks (matrix.md has false refusal too). "
+                     "Cells marked † do not differ significantly from the no-defense row under the same attack "
+                     "(exact McNemar on the same prompts, p ≥ 0.05).",
     "client_weights": "Mean weight each robust rule gave each client over the rounds it was sampled "
                       "(malicious clients in red), cf. the paper's Fig. 3b.",
 }
