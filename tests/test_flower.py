@@ -232,8 +232,13 @@ def test_server_app_monitor_evaluation_and_posthoc_defense(tmp_path, task_identi
     assert len(cli_defended) == 1 and str(cli_defended[0]) in " ".join(err.split()).replace(" ", "")
     cli_defended = cli_defended[0]
     assert json.loads((cli_defended / "defense.json").read_text())["source_run"] == str(cli_dir.resolve())
-    # round -1 (the start adapter's probe row) is written by Engine.run only; the Flower strategy has none yet
-    assert [r["probe_refusal"] for r in rows(d)] == [r["probe_refusal"] for r in rows(cli_dir) if r["round"] >= 0]
+    # the same kinds of metrics rows: the start adapter's probe row (round -1) first, then one per round
+    def kinds(run):
+        return [(r["round"], r.get("start", False), "probe_refusal" in r) for r in rows(run)]
+
+    assert kinds(d) == kinds(cli_dir) == [(-1, True, True), (0, False, True), (1, False, True)]
+    assert rows(d)[0] == rows(cli_dir)[0]
+    assert [r["probe_refusal"] for r in rows(d)] == [r["probe_refusal"] for r in rows(cli_dir)]
     assert assert_same_adapter(defended, cli_defended, atol=1e-6) == 0.0
     for a, b in ((d, cli_dir), (defended, cli_defended)):
         ra, rb = (json.loads((x / "results.json").read_text()) for x in (a, b))
@@ -302,12 +307,13 @@ def _grid(ov, cls=LocalGrid, **k):
 
 
 @pytest.mark.parametrize("overrides", [
-    ["fl.rounds=4"],
+    ["fl.rounds=4", "monitor.every=4"],
     ["fl.rounds=4", "fl.fed_alg=fedadam", "fl.server_lr=0.01", "fl.aggregator=foolsgold", "fl.sample_clients=3"],
 ])
 def test_server_app_resume_equals_uninterrupted(tmp_path, task_identity, overrides):
     """The connection dies in round 3 of 4; resume=true continues from the round-2 checkpoint and ends
-    bit-identical to an uninterrupted Flower run (server optimiser and FoolsGold state included)."""
+    bit-identical to an uninterrupted Flower run (server optimiser and FoolsGold state included); the
+    start row (round -1, with monitoring) is kept once, as `fedsafe run --resume` keeps it."""
     from fedsafe.flower import server_app
 
     cfg = load_config("tiny", overrides)
@@ -320,8 +326,10 @@ def test_server_app_resume_equals_uninterrupted(tmp_path, task_identity, overrid
     out = server_app.run_server(_grid(overrides), cfg, d, evaluate=False, resume=True)
     assert out == d.resolve()
     assert assert_same_adapter(d, ref, atol=0.0) == 0.0
-    assert [r["round"] for r in rows(d)] == [0, 1, 2, 3]
-    for a, b in zip(rows(d), rows(ref)):
+    monitored = "monitor.every=4" in overrides
+    assert [r["round"] for r in rows(d)] == [r["round"] for r in rows(ref)] == [-1] * monitored + [0, 1, 2, 3]
+    assert [r.get("probe_refusal") for r in rows(d)] == [r.get("probe_refusal") for r in rows(ref)]
+    for a, b in zip(rows(d)[monitored:], rows(ref)[monitored:]):
         for k in ("sampled", "client_loss", "client_weights", "agg_norm", "train_loss", "lr"):
             assert a[k] == b[k], (a["round"], k)
     info = json.loads((d / "flower.json").read_text())

@@ -41,7 +41,7 @@ from .eval.runner import evaluate_run, make_monitor
 from .fl.engine import Engine, rule_needs
 from .io import atomic_write_json
 from .report.collect import load_run, table_rows
-from .rundir import CONFIG, FINAL_ADAPTER, RESULTS, TRAIN_SUMMARY, load_run_config, new_run_dir, write_run_header
+from .rundir import CONFIG, FINAL_ADAPTER, RESULTS, TRAIN_SUMMARY, load_run_config, set_up_run_dir, write_run_header
 from .runtime import Runtime, get_runtime
 
 __all__ = [
@@ -162,9 +162,9 @@ def run(
     **kw: Any,
 ) -> Finished:
     """Like :func:`start_run`, but returns everything the run produced (:class:`Finished`)."""
-    d = new_run_dir(cfg, run_dir, overwrite)
-    eng = build_engine(cfg, d, progress=progress, **kw)
-    write_run_header(cfg, d, eng.fed)
+    with set_up_run_dir(cfg, run_dir, overwrite) as d:  # refused while set up: leaves no directory behind
+        eng = build_engine(cfg, d, progress=progress, **kw)
+        write_run_header(cfg, d, eng.fed)
     return _train_and_finish(eng, evaluate)
 
 
