@@ -84,6 +84,7 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: str | Path | None = None, *,
         atomic_write_json(d / "flower.json", {**info, **strategy.report()})
 
     write_info()
+    strategy.on_round = write_info
     t0 = time.time()
     try:
         if eng.start_round == 0:  # the start adapter's probe row (round -1), as Engine.run writes it

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 
 import torch
@@ -65,6 +65,9 @@ class FedsafeStrategy(FedAvg):
         self.node_problems: dict[int, str] = {}  # node id -> why it holds no client
         self.queried: set[int] = set()
         self.rounds: list[dict] = []
+        # called once a round's report is in ``rounds``, before its metrics line and checkpoint are written
+        # (the ServerApp rewrites flower.json there, so a resume after a kill finds every checkpointed round)
+        self.on_round: Callable[[], None] | None = None
         self._waited = False
         self._pending: dict | None = None
 
@@ -245,8 +248,6 @@ class FedsafeStrategy(FedAvg):
                 problems[cid] = f"node {node}: no reply within the round timeout"
                 log(WARNING, "fedsafe: round %d: no reply from node %d (client %d)", rnd + 1, node, cid)
         row = self._run_engine_round(rnd, updates, problems, p)
-        self.rounds.append({"round": rnd, "nodes": {str(c): n for n, c in p["sent"].items()},
-                            "rejected": {str(c): r for c, r in sorted(problems.items())}})
         loss = row.get("train_loss")
         log(INFO, "fedsafe: round %d/%d done: %d updates aggregated, %d rejected, train loss %s", rnd + 1,
             self.engine.cfg.fl.rounds, len(updates), len(problems), "n/a" if loss is None else f"{loss:.4f}")
@@ -270,6 +271,10 @@ class FedsafeStrategy(FedAvg):
                 extra["rejected"] = {str(c): problems[c] for c in sorted(problems)}
             extra["nodes"] = {str(c): n for n, c in sorted(pending["sent"].items(), key=lambda x: x[1])}
             extra["round_seconds"] = round(time.time() - pending["t0"], 3)
+            self.rounds.append({"round": rnd, "nodes": {str(c): n for n, c in pending["sent"].items()},
+                                "rejected": {str(c): r for c, r in sorted(problems.items())}})
+            if self.on_round is not None:
+                self.on_round()
             return extra
 
         eng.client_update = client_update  # instance attribute shadows the method for this round only
