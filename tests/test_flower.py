@@ -414,9 +414,19 @@ def _malform(kind: str, good: Message) -> Message | None:
         return Message(RecordDict({"metrics": metrics}), reply_to=_instr(good))
     elif kind == "no_metrics":
         return Message(RecordDict({"arrays": ArrayRecord(sd)}), reply_to=_instr(good))
+    elif kind in ("ten_times", "extra_records"):  # as large as 10 adapters: in one array, or in more records
+        rec = ArrayRecord(sd)
+        if kind == "ten_times":
+            a = rec[k0]
+            rec[k0] = Array(dtype=a.dtype, shape=a.shape, stype=a.stype, data=a.data * 10)
+            return Message(RecordDict({"arrays": rec, "metrics": metrics}), reply_to=_instr(good))
+        more = RecordDict({"arrays": rec, "metrics": metrics})
+        for i in range(9):
+            more[f"arrays{i}"] = ArrayRecord({k: v.clone() for k, v in sd.items()})
+        return Message(more, reply_to=_instr(good))
     elif kind == "undecodable":
         rec = ArrayRecord(sd)
-        rec[k0] = Array(dtype="float32", shape=(1,), stype="numpy.ndarray", data=b"garbage")
+        rec[k0] = Array(dtype="float32", shape=tuple(sd[k0].shape), stype="numpy.ndarray", data=b"garbage")
         return Message(RecordDict({"arrays": rec, "metrics": metrics}), reply_to=_instr(good))
     else:
         raise AssertionError(kind)
@@ -436,13 +446,19 @@ def _instr(reply: Message) -> Message:
     ("inf", "non-finite"), ("missing_key", "missing 1 adapter"), ("extra_key", "unexpected"),
     ("int_dtype", "dtype"), ("huge_norm", "exceeds fl.max_update_norm"), ("no_arrays", "no ArrayRecord"),
     ("no_metrics", "train_loss"), ("undecodable", "cannot be decoded"),
+    ("ten_times", "bytes for shape"), ("extra_records", "unexpected record(s) ['arrays0'"),
 ])
-def test_aggregate_train_drops_malformed_reply(tmp_path, task_identity, kind, needle):
-    """A malformed reply is reported by node id and dropped; the round aggregates the other client."""
+def test_aggregate_train_drops_malformed_reply(tmp_path, task_identity, kind, needle, monkeypatch):
+    """A malformed reply is reported by node id and dropped; the round aggregates the other client. A reply
+    with 10x an adapter's bytes (in one array or in extra records) is refused before it is decoded."""
     from fedsafe.pipeline import build_engine
     from fedsafe.rundir import write_run_header
-    from fedsafe.flower import client_app
+    from fedsafe.flower import client_app, strategy
     from fedsafe.flower.strategy import FedsafeStrategy
+
+    decoded = []
+    monkeypatch.setattr(strategy, "record_to_state_dict",
+                        lambda rec: decoded.append(rec) or client_app.record_to_state_dict(rec))
 
     ov = ["fl.rounds=1", "fl.sample_clients=2", "fl.max_update_norm=1000"]
     rc = {"fedsafe-config": "tiny", "overrides": " ".join(ov)}
@@ -477,6 +493,8 @@ def test_aggregate_train_drops_malformed_reply(tmp_path, task_identity, kind, ne
     new = eng.rt.handle.flat_from_state_dict(arrays.to_torch_state_dict())
     assert torch.allclose(new, kept, atol=1e-7) and not torch.equal(new, g0)
     assert strat.report()["rounds"][0]["rejected"]["3"] == row["rejected"]["3"]
+    if "before decoding" in row["rejected"]["3"]:
+        assert len(decoded) == 1  # only the good reply was decoded into tensors
 
 
 def test_reply_from_unexpected_node_is_ignored(tmp_path, task_identity):

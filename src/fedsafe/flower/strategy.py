@@ -41,6 +41,34 @@ from ..lm import cosine_lr
 from .client_app import record_to_state_dict
 
 
+#: the records a client's train reply may carry (anything else is refused before decoding)
+REPLY_RECORDS = frozenset({"arrays", "metrics"})
+#: bytes allowed per adapter array beyond 8 per element (float64, refused later by dtype): the .npy header
+NPY_SLACK = 1024
+
+
+def check_reply_size(content: RecordDict, keys: list[str], shapes: list) -> None:
+    """Refuse a reply with extra records, unexpected arrays, other declared shapes or more bytes than an
+    adapter can take, from the records' metadata and byte counts only: a reply 10x an adapter's size is
+    never decoded into tensors. Raises ``RejectedUpdate``."""
+    extra = sorted(set(content.keys()) - REPLY_RECORDS)
+    if extra:
+        raise RejectedUpdate(f"reply has unexpected record(s) {extra[:5]} (allowed: {sorted(REPLY_RECORDS)}); "
+                             "refused before decoding")
+    rec = content.array_records["arrays"]
+    want = {k: tuple(int(d) for d in shape) for k, shape in zip(keys, shapes)}
+    unexpected = [k for k in rec.keys() if k not in want]
+    if unexpected:
+        raise RejectedUpdate(f"reply has {len(unexpected)} unexpected array(s) {unexpected[:3]}; refused before decoding")
+    for k, arr in rec.items():
+        shape = tuple(int(d) for d in getattr(arr, "shape", ()))
+        if shape != want[k]:
+            raise RejectedUpdate(f"array {k!r} declares shape {shape}, expected {want[k]}; refused before decoding")
+        n = len(getattr(arr, "data", b"") or b"")
+        if n > 8 * math.prod(shape) + NPY_SLACK:
+            raise RejectedUpdate(f"array {k!r} is {n} bytes for shape {shape}; refused before decoding")
+
+
 class FedsafeStrategy(FedAvg):
     """Flower strategy that runs fedsafe's rounds on a server-side :class:`~fedsafe.fl.engine.Engine`.
 
@@ -201,6 +229,7 @@ class FedsafeStrategy(FedAvg):
         recs = msg.content.array_records
         if "arrays" not in recs:
             raise RejectedUpdate(f"reply has no ArrayRecord 'arrays' (records: {sorted(msg.content.keys())})")
+        check_reply_size(msg.content, eng.keys, eng.shapes)  # nothing is decoded into tensors before this
         try:
             sd = record_to_state_dict(recs["arrays"])
         except ValueError as e:
