@@ -281,6 +281,40 @@ def test_missing_client_node_counts_as_rejected(tmp_path, task_identity):
 
 
 
+
+class LeavingGrid(LocalGrid):
+    """A LocalGrid whose node ``leaves`` disappears (as the SuperLink reports a dead SuperNode) once the
+    train replies of round 0 are in."""
+
+    def __init__(self, *a, leaves: int, **k):
+        super().__init__(*a, **k)
+        self.leaves = leaves
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        out = super().send_and_receive(messages, timeout=timeout)
+        if messages and messages[0].metadata.message_type == "train":
+            self.nodes.pop(self.leaves, None)
+        return out
+
+
+def test_restarted_supernode_takes_over_its_partition_once_the_old_node_is_gone(tmp_path, task_identity):
+    """A restarted SuperNode (new node id) claiming the partition of a node that is still listed is refused
+    as a duplicate; once the SuperLink drops the old node, the new one is asked again and sampled."""
+    from fedsafe.flower import client_app, server_app
+
+    ov = ["fl.rounds=2"]  # round 1 samples clients 1, 2, 3
+    ref = in_process(tmp_path, "tiny", ov)
+    grid = LeavingGrid(client_app.app, [{"partition-id": i} for i in (0, 1, 2, 3, 1)],
+                       {"fedsafe-config": "tiny", "overrides": " ".join(ov)}, leaves=1001)
+    d = server_app.run_server(grid, load_config("tiny", ov), tmp_path / "flower", evaluate=False)
+    info = json.loads((d / "flower.json").read_text())
+    assert [r["nodes"].get("1") for r in info["rounds"]] == [None, 1004]
+    assert all(not r["rejected"] for r in info["rounds"]) and not info["node_problems"]
+    assert info["nodes"]["1"] == 1004
+    assert assert_same_adapter(d, ref, atol=0.0) == 0.0
+
+
 # --------------------------------------------------------------------------------------------- resume
 class DyingGrid(LocalGrid):
     """A LocalGrid whose connection dies when the train messages of round ``die_at`` (0-based, counted

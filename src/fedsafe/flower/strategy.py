@@ -92,6 +92,7 @@ class FedsafeStrategy(FedAvg):
         self.node_to_cid: dict[int, int] = {}
         self.node_problems: dict[int, str] = {}  # node id -> why it holds no client
         self.queried: set[int] = set()
+        self.claims: dict[int, int] = {}  # node id -> client id it claimed while another live node held it
         self.rounds: list[dict] = []
         # called once a round's report is in ``rounds``, before its metrics line and checkpoint are written
         # (the ServerApp rewrites flower.json there, so a resume after a kill finds every checkpointed round)
@@ -133,6 +134,9 @@ class FedsafeStrategy(FedAvg):
                 cid = self.node_to_cid.pop(n)
                 if self.cid_to_node.get(cid) == n:
                     del self.cid_to_node[cid]
+                    # a node refused as a duplicate of this client (e.g. the same SuperNode restarted
+                    # before the SuperLink saw the old one go) is asked again, and may take it over now
+                    self.queried -= {m for m, c in self.claims.items() if c == cid}
             new = [n for n in nodes if n not in self.queried]
             if new:
                 self._query(grid, new)
@@ -169,10 +173,12 @@ class FedsafeStrategy(FedAvg):
             holder = self.cid_to_node.get(cid)
             if holder is not None and holder != n:
                 self._problem(n, f"duplicate partition-id {cid} (already held by node {holder}); node not used")
+                self.claims[n] = cid
                 continue
             self.cid_to_node[cid] = n
             self.node_to_cid[n] = cid
             self.node_problems.pop(n, None)
+            self.claims.pop(n, None)
             log(INFO, "fedsafe: node %d holds client %d%s", n, cid,
                 " (malicious)" if cid in self.engine.malicious else "")
         for n in nodes:
