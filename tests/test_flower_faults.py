@@ -145,6 +145,30 @@ def test_flower_sim_killed_mid_run_resumes_bit_identical(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- Deployment on loopback
+HOSTILE = """\
+# sitecustomize of a hostile SuperNode (tests/test_flower_faults.py): its flwr-clientapp trains honestly,
+# then sends nine extra copies of the adapter in round 0 and one array inflated 10x in round 5
+import fedsafe.flower.client_app as ca
+from flwr.app import Array, ArrayRecord
+
+_honest = ca._train
+
+
+def _train(msg, context):
+    reply = _honest(msg, context)
+    rnd, rec = int(msg.content.config_records["config"]["round"]), reply.content.array_records["arrays"]
+    if rnd == 0:
+        for i in range(9):
+            reply.content[f"copy{i}"] = ArrayRecord(rec.to_torch_state_dict())
+    elif rnd == 5:
+        k = next(iter(rec.keys()))
+        a = rec[k]
+        rec[k] = Array(dtype=a.dtype, shape=a.shape, stype=a.stype, data=a.data * 10)
+    return reply
+
+
+ca._train = _train
+"""
 ROUND_TIMEOUT_S = 45  # a normal round of tiny takes 10-25 s here (3 s polls, a fresh flwr-clientapp per message)
 
 
@@ -186,7 +210,9 @@ def test_deployment_faults_on_loopback(tmp_path, procs):
     (c) round 3: client 2's flwr-clientapp is frozen (SIGSTOP) past the timeout -> dropped for that round
         only, aggregated again in round 4;
     (d) after round 4's checkpoint the SuperLink, the ServerApp and `flwr run` are SIGKILLed; the SuperLink
-        is restarted on the same port and database, `flwr run ... resume=true` finishes rounds 5-6.
+        is restarted on the same port and database, `flwr run ... resume=true` finishes rounds 5-6;
+    (e) client 0's SuperNode is hostile (a sitecustomize on its PYTHONPATH): nine extra adapter copies in
+        round 0, one array 10x its size in round 5 -> both refused before decoding, the rounds go on.
 
     The final adapter equals, bit for bit, an in-process run that drops the same (client, round) updates.
     """
@@ -202,6 +228,10 @@ def test_deployment_faults_on_loopback(tmp_path, procs):
     for h in homes.values():
         h.mkdir()
     env = {n: offline_env(_env(), FLWR_HOME=str(h)) for n, h in homes.items()}
+    hostile = tmp_path / "hostile"
+    hostile.mkdir()
+    (hostile / "sitecustomize.py").write_text(HOSTILE)
+    env["sn0"]["PYTHONPATH"] = f"{hostile}{os.pathsep}{env['sn0']['PYTHONPATH']}"
     (homes["cli"] / "config.toml").write_text(
         f'[superlink]\ndefault = "loop"\n\n[superlink.loop]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
 
@@ -251,10 +281,12 @@ def test_deployment_faults_on_loopback(tmp_path, procs):
     # (c): round 3 samples clients 0, 2, 3; freeze client 2's flwr-clientapp past the timeout
     _wait(lambda: 2 in done_rounds(), 3 * ROUND_TIMEOUT_S + 60, "round 2", running)
     frozen: list[int] = []
+    # the flwr-clientapp of round 2 can still be exiting: freeze only one started for round 3
+    earlier = set(descendants(nodes[2].pid))
 
     def freeze() -> bool:
         for p in descendants(nodes[2].pid):
-            if "flwr-clientapp" in _cmd(p):
+            if p not in earlier and "flwr-clientapp" in _cmd(p):
                 frozen.extend([p, *descendants(p)])
                 _signal_all(frozen, signal.SIGSTOP)
                 return True
@@ -300,6 +332,10 @@ def test_deployment_faults_on_loopback(tmp_path, procs):
     # (c) the frozen node is dropped for round 3 only
     assert list(rej[3]) == ["2"] and "no reply" in rej[3]["2"] and m[3]["round_seconds"] <= ROUND_TIMEOUT_S + 15
     assert "2" in m[4]["client_weights"] and not rej[4]
+    # (e) the hostile node's oversized replies were refused before anything was decoded
+    assert list(rej[0]) == ["0"] and "unexpected record(s) ['copy0'" in rej[0]["0"], rej[0]
+    assert list(rej[5]) == ["0"] and "bytes for shape" in rej[5]["0"], rej[5]
+    assert all("before decoding" in rej[r]["0"] for r in (0, 5))
     # (d) + the whole run: an in-process run dropping the same updates ends with the same adapter
     drop = {(int(c), rnd) for rnd, r in rej.items() for c in r}
     threads = torch.get_num_threads()

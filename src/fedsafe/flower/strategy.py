@@ -9,7 +9,8 @@ Beutel et al. arXiv:2007.14390) that overrides only what fedsafe needs:
   each one the global LoRA adapter, the round's client learning rate (cosine schedule, constant within
   a round, as Ye et al., ICLR 2025) and, for SCAFFOLD, its correction ``c - c_i``. A node whose node
   config is missing or malformed is reported by node id and never sampled.
-* :meth:`aggregate_train` checks every reply: an error reply, a missing/undecodable ``ArrayRecord``, or
+* :meth:`aggregate_train` checks every reply: an error reply, a missing/undecodable ``ArrayRecord``, a
+  reply with extra records or more bytes than the adapter (:func:`check_reply_size`, before decoding), or
   an adapter that fails :func:`fedsafe.fl.updates.validate_state` (keys, shapes, dtype, NaN/Inf, norm)
   is logged by node id and dropped, and the round goes on with the others. The kept updates are then
   aggregated by the server-side :class:`~fedsafe.fl.engine.Engine`'s own ``run_round``: the same robust
