@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 from fedsafe.config import load_config
@@ -41,6 +42,18 @@ def mcnemar_p(a: int, b: int) -> float:
     return min(1.0, 2 * tail)
 
 
+@torch.no_grad()
+def fold_into_base(rt, vec) -> None:
+    """Add the LoRA delta of ``vec`` to the base weights of every adapted module (prototype of a merged start)."""
+    from peft.tuners.lora import LoraLayer
+
+    rt.handle.set_flat(vec)
+    for m in rt.model.modules():
+        if isinstance(m, LoraLayer) and "default" in m.lora_A:
+            w = m.get_base_layer().weight
+            w.add_(m.get_delta_weight("default").to(w.dtype))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tag", required=True)
@@ -49,6 +62,9 @@ def main(argv=None) -> None:
                     help="comma list of: start, clean, attack, attack_<rule>, dose<k> (k malicious per round)")
     ap.add_argument("--note", default="")
     ap.add_argument("--log", default=str(ROOT / "docs" / "fidelity_runs.jsonl"))
+    ap.add_argument("--merge-start", action="store_true",
+                    help="fold the server-aligned start into the base weights and federate a fresh LoRA on it "
+                         "(the paper's setting: a fresh LoRA on a safety-aligned base)")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
 
@@ -66,6 +82,7 @@ def main(argv=None) -> None:
             c.fl.aggregator_params = {"f": 1} if c.fl.aggregator == "krum_paper" else {}
             scen[w] = dataclasses.replace(c, name=w).validate()
     results: dict[str, dict] = {}
+    merged: list = []
     verdicts: dict[str, dict] = {}
     tmp = Path(tempfile.mkdtemp(prefix=f"fid-{a.tag}-"))
     for w in wanted:
@@ -73,6 +90,12 @@ def main(argv=None) -> None:
         cfg = scen["clean_fedavg" if w == "start" else slug]
         t0 = time.time()
         eng = build_engine(cfg, tmp / slug, progress=False)
+        if a.merge_start:
+            if not merged:
+                fold_into_base(eng.rt, eng.global_vec)
+                merged.append(True)
+            eng.global_vec = eng.rt.init_vec(cfg.seed)
+            eng.init_vec = eng.global_vec.clone()
         (tmp / slug).mkdir(parents=True, exist_ok=True)
         t_init = time.time() - t0
         vec = eng.init_vec if w == "start" else eng.run()
@@ -112,7 +135,7 @@ def main(argv=None) -> None:
             if Path(preset).is_file():  # log the YAML itself, never a path of this machine
                 preset = yaml.safe_load(Path(preset).read_text())
             f.write(json.dumps({"tag": a.tag, "scenario": w, "preset": preset, "overrides": a.overrides,
-                                "note": a.note, "when": time.strftime("%Y-%m-%d %H:%M"), **out,
+                                "note": a.note, "merge_start": a.merge_start, "when": time.strftime("%Y-%m-%d %H:%M"), **out,
                                 "losses": losses}) + "\n")
     print(f"outputs kept in {tmp}", file=sys.stderr)
 

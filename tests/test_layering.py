@@ -191,6 +191,7 @@ FORMATTED = [
     "src/fedsafe/eval/judges",
     "src/fedsafe/fl/seeds.py",
     "tests/test_layering.py",
+    "tests/test_merged_start.py",
 ]
 
 

@@ -141,6 +141,8 @@ class InitConfig:
     carries incidental refusals; a 135M model at demo scale needs a safe starting point instead (issue 8)."""
 
     adapter: str = ""  # "" = fresh LoRA | "align" = server-side safety alignment first | path to a peft adapter dir
+    merge: bool = False  # fold that adapter into the base weights and federate a fresh LoRA on it (the paper's
+    # setting: a fresh LoRA on a safety-aligned model); False = the federation continues the start adapter
     steps: int = 60  # alignment steps
     n: int = 400  # alignment samples, reserved from the held-out pools (never given to clients or defense)
     aligned_ratio: float = 0.4
@@ -495,6 +497,12 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"attack.benign_mix must be in [0, 1), got {cfg.attack.benign_mix}")
     if cfg.defense.level not in (1, 2, 3):
         raise ConfigError(f"defense.level must be 1, 2 or 3, got {cfg.defense.level}")
+    if cfg.init.merge and not cfg.init.adapter:
+        raise ConfigError("init.merge=true folds a start adapter into the base model: set init.adapter=align "
+                          "(or a path to a peft adapter directory)")
+    if cfg.defense.projection and cfg.init.merge:
+        raise ConfigError("defense.projection reads the unsafe direction off the start adapter's LoRA "
+                          "parameters, which init.merge=true folds away: use one or the other")
     if cfg.defense.projection and not cfg.init.adapter:
         raise ConfigError("defense.projection needs an aligned start to compute the unsafe direction from: "
                           "set init.adapter=align (or a path to an aligned peft adapter)")

@@ -96,7 +96,8 @@ def _reference_rows(base: RunConfig, runs: Path, progress: bool) -> list[Path]:
             if eng is None:
                 eng = build_engine(clean, d, progress=progress)
             atomic_write_text(d / "config.yaml", dump_yaml(clean))
-            vec = eng.init_vec if which == "init" else None
+            eng.rt.set_base_delta(None)  # both rows are on the base as shipped (a merged start is the same model)
+            vec = eng.start_vec if which == "init" else None
             if vec is None:
                 evaluate_run(d, cfg=clean, fed=eng.fed, rt=eng.rt, progress=progress, vec=None, base_only=True)
             else:

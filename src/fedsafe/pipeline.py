@@ -41,7 +41,16 @@ from .eval.runner import evaluate_run, make_monitor
 from .fl.engine import Engine, rule_needs
 from .io import atomic_write_json
 from .report.collect import load_run, table_rows
-from .rundir import CONFIG, FINAL_ADAPTER, RESULTS, TRAIN_SUMMARY, load_run_config, set_up_run_dir, write_run_header
+from .rundir import (
+    CONFIG,
+    FINAL_ADAPTER,
+    RESULTS,
+    START_ADAPTER,
+    TRAIN_SUMMARY,
+    load_run_config,
+    set_up_run_dir,
+    write_run_header,
+)
 from .runtime import Runtime, get_runtime
 
 __all__ = [
@@ -88,7 +97,15 @@ def build_engine(cfg: RunConfig, run_dir: Path, *, progress: bool = True, **kw: 
     if "round_callback" not in kw:
         kw["round_callback"] = make_monitor(cfg, fed, rt)
     eng = Engine(cfg, run_dir, fed, rt, progress=progress, **kw)
-    eng.global_vec = initial_vec(cfg, fed, rt, align_records, progress=progress)
+    eng.start_vec = initial_vec(cfg, fed, rt, align_records, progress=progress)
+    if cfg.init.merge:  # the start becomes part of the base model; the federation trains a fresh LoRA on it
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        rt.handle.save_adapter(Path(run_dir) / START_ADAPTER, eng.start_vec)  # readers of the run need it
+        rt.set_base_delta(eng.start_vec)
+        eng.global_vec = rt.init_vec(cfg.seed)
+    else:
+        rt.set_base_delta(None)
+        eng.global_vec = eng.start_vec.clone()
     eng.init_vec = eng.global_vec.clone()
     needs = rule_needs(eng.rule)
     if cfg.fl.aggregator == "fltrust" or "root_update" in needs:

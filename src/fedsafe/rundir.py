@@ -3,7 +3,8 @@
 A run directory holds: ``config.yaml`` (resolved), ``clients.json`` (composition and the malicious
 ground truth, for forensics only: no defense reads it unless ``fl.oracle``), ``data_manifest.json``
 (record ids per client and held-out set), ``metrics.jsonl``, ``forensics.jsonl``, ``checkpoints/``,
-``final_adapter/`` (a peft adapter directory), ``train_summary.json`` and, after evaluation, ``eval/``
+``final_adapter/`` (a peft adapter directory), with ``init.merge`` ``start_adapter/`` (the adapter folded
+into the base model that ``final_adapter/`` was trained on: merge it first), ``train_summary.json`` and, after evaluation, ``eval/``
 and ``results.json``. A post-hoc defense writes a sibling run directory of the same layout plus
 ``defense.json`` (its source run) and ``defense_data.jsonl``.
 
@@ -33,6 +34,7 @@ DATA_MANIFEST = "data_manifest.json"
 METRICS = "metrics.jsonl"
 FORENSICS = "forensics.jsonl"
 FINAL_ADAPTER = "final_adapter"
+START_ADAPTER = "start_adapter"  # with init.merge: the start folded into the base (final_adapter sits on top of it)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # what peft writes into an adapter directory
 TRAIN_SUMMARY = "train_summary.json"
 RESULTS = "results.json"

@@ -7,15 +7,19 @@ so each client's data is tokenised once per run, not per round.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import torch
 
-from .config import LoraConfig, ModelConfig
+from .config import LoraConfig, ModelConfig, RunConfig
 from .data.templates import Example, tokenize_pair
 from .lm import prefix_hidden
+from .errors import FedsafeError
 from .models import EMBEDDED, LoraHandle, add_lora, load_base, num_layers, resolve_device
+from .rundir import ADAPTER_WEIGHTS, START_ADAPTER
 
 
 @dataclass
@@ -28,6 +32,8 @@ class Runtime:
     device: torch.device
     _tok_cache: dict = field(default_factory=dict)
     _prefix_cache: dict = field(default_factory=dict)
+    _base_originals: dict = field(default_factory=dict)  # module name -> its weight before set_base_delta
+    base_delta_key: str = ""  # sha256 of the start folded into the base ("" = the base as loaded)
 
     def tokenize(self, records) -> list[Example]:
         mc = self.model_cfg
@@ -55,6 +61,31 @@ class Runtime:
                 parts.append(torch.zeros(p.numel()))
         return torch.cat(parts).float()
 
+    @torch.no_grad()
+    def set_base_delta(self, vec: torch.Tensor | None) -> None:
+        """Fold the LoRA delta of ``vec`` into the base weights of every adapted module (``None``: restore
+        the base as loaded). This makes an aligned start part of the *base model*, so the federation trains
+        a fresh LoRA on a safety-aligned model, as the paper does on Llama-2-chat (``init.merge``). The
+        originals are kept, so switching starts (or back) is exact rather than an add-then-subtract.
+        Only LoRA-adapted modules change, so the frozen-prefix cache of the layers below stays valid."""
+        if vec is None and not self._base_originals:
+            return
+        key = hashlib.sha256(vec.float().contiguous().numpy().tobytes()).hexdigest() if vec is not None else ""
+        if key == self.base_delta_key:
+            return
+        lora = {n: m for n, m in self.model.named_modules() if hasattr(m, "get_delta_weight") and "default" in
+                getattr(m, "lora_A", {})}
+        with self.handle.swapped(vec):
+            for name, m in lora.items():
+                w = m.get_base_layer().weight
+                orig = self._base_originals.setdefault(name, w.detach().clone())
+                w.copy_(orig)
+                if vec is not None:
+                    w.add_(m.get_delta_weight("default").to(w.dtype))
+        if vec is None:
+            self._base_originals.clear()
+        self.base_delta_key = key if vec is not None else ""
+
     @property
     def first_adapted_layer(self) -> int:
         """Index of the lowest decoder layer with LoRA (0 when every layer is adapted)."""
@@ -79,6 +110,20 @@ class Runtime:
         return int(self.tokenizer.pad_token_id)
 
 
+def use_run_base(rt: Runtime, cfg: RunConfig, run_dir: str | Path) -> None:
+    """Put ``run_dir``'s base model in place: with ``init.merge`` its ``start_adapter/`` folded into the base
+    weights, otherwise the base as loaded. Every reader of a run's adapters calls this first, because one
+    runtime serves runs of both kinds in a process."""
+    if not cfg.init.merge:
+        rt.set_base_delta(None)
+        return
+    d = Path(run_dir) / START_ADAPTER
+    if not (d / ADAPTER_WEIGHTS).exists():
+        raise FedsafeError(f"{run_dir}: the run has init.merge=true but no {START_ADAPTER}/ (the adapter its "
+                           f"final adapter sits on); it was not written by this version or was removed")
+    rt.set_base_delta(rt.handle.load_adapter_dir(d))
+
+
 _CACHE: dict = {}
 
 
@@ -91,6 +136,7 @@ def get_runtime(model_cfg: ModelConfig, lora_cfg: LoraConfig) -> Runtime:
             rt.model_cfg = model_cfg
             rt.lora_cfg = lora_cfg
             return rt
+        rt.set_base_delta(None)  # a merged start belongs to the old adapter's run
         base = rt.model.unload()  # drop the old adapter, keep the frozen base
         tok = rt.tokenizer
     else:

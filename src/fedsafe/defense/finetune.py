@@ -34,8 +34,8 @@ from ..io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl,
 from ..llm.hf import HFGenerator
 from ..llm.synth import make_generator
 from ..lm import cosine_lr
-from ..rundir import load_run_config, require_final_adapter
-from ..runtime import Runtime, get_runtime
+from ..rundir import START_ADAPTER, load_run_config, require_final_adapter
+from ..runtime import Runtime, get_runtime, use_run_base
 from . import data as ddata
 from .data import reserve
 
@@ -109,6 +109,7 @@ def defend_run(source: str | Path, *, level: int | None = None, steps: int | Non
     fed = build_federation(cfg.data, seed=cfg.seed)
     reserve(cfg, fed)  # alignment records are never reused as defense data
     rt = get_runtime(cfg.model, cfg.lora)
+    use_run_base(rt, cfg, source)  # init.merge: the final adapter sits on the run's merged start
     start = rt.handle.load_adapter_dir(adapter_dir)
     if out is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -116,6 +117,8 @@ def defend_run(source: str | Path, *, level: int | None = None, steps: int | Non
     out = Path(out)
     resuming = (out / "defense.json").exists()
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.init.merge:  # the defended adapter sits on the same merged start: the run dir must say which
+        rt.handle.save_adapter(out / START_ADAPTER, rt.handle.load_adapter_dir(source / START_ADAPTER))
     if resuming:
         records = [Record.from_dict(r) for r in read_jsonl(out / "defense_data.jsonl")]
         prov = json.loads((out / "defense.json").read_text())["data"]

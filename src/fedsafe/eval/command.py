@@ -16,8 +16,8 @@ from ..config import LoraConfig, ModelConfig
 from ..data.records import Record
 from ..errors import FedsafeError
 from ..io import atomic_write_json
-from ..rundir import is_run_dir, load_run_config, require_final_adapter
-from ..runtime import get_runtime
+from ..rundir import FINAL_ADAPTER, is_run_dir, load_run_config, require_final_adapter
+from ..runtime import get_runtime, use_run_base
 from .runner import evaluate_adapter
 
 
@@ -61,6 +61,16 @@ def resolve_target(target: str, model: str | None, template: str | None):
     return ModelConfig(name=model or target, template=template or "chat"), None, None, target
 
 
+def _use_base_of(rt, target: Path) -> None:
+    """A run trained with init.merge (or its ``final_adapter/``) is evaluated on its own base: the start adapter
+    folded in. Anything else on the base as loaded."""
+    for d in (target, target.parent if target.name == FINAL_ADAPTER else None):
+        if d is not None and is_run_dir(d):
+            use_run_base(rt, load_run_config(d), d)
+            return
+    rt.set_base_delta(None)
+
+
 def evaluate_target(target: str, *, bench: str = "strongreject", benign: str | None = None, judge: str = "rule",
                     column: str | None = None, limit: int | None = None, model: str | None = None,
                     template: str | None = None, samples: int = 1, temperature: float = 0.0,
@@ -72,6 +82,7 @@ def evaluate_target(target: str, *, bench: str = "strongreject", benign: str | N
     if lc is None:
         lc = LoraConfig(r=1, alpha=1, dropout=0.0)
     rt = get_runtime(mc, lc)
+    _use_base_of(rt, Path(target))
     vec = rt.handle.load_adapter_dir(adapter) if adapter is not None else None
     if out is None:
         base = Path(target) if Path(target).is_dir() else Path(".")

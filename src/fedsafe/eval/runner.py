@@ -30,7 +30,7 @@ from ..data.partition import Federation, build_federation
 from ..llm.hf import HFGenerator
 from ..lm import response_loss
 from ..rundir import EVAL_DIR, FINAL_ADAPTER, RESULTS, load_run_config
-from ..runtime import Runtime, get_runtime
+from ..runtime import Runtime, get_runtime, use_run_base
 from .judges import get_judge
 from .stats import rate_summary
 
@@ -151,7 +151,10 @@ def evaluate_run(run_dir: Path, *, cfg: RunConfig | None = None, fed: Federation
     cfg = cfg or load_run_config(run_dir)
     rt = rt or get_runtime(cfg.model, cfg.lora)
     fed = fed or build_federation(cfg.data, seed=cfg.seed)
-    if vec is None and not base_only:
+    if base_only:
+        rt.set_base_delta(None)
+    elif vec is None:  # the run's own final adapter, on the run's own base (init.merge); a given vec is the caller's
+        use_run_base(rt, cfg, run_dir)
         vec = rt.handle.load_adapter_dir(run_dir / FINAL_ADAPTER)
     e = cfg.eval
     harmful = fed.eval_harmful[: e.harmful_n] if e.harmful_n else fed.eval_harmful

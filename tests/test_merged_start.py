@@ -1,0 +1,88 @@
+"""init.merge: the aligned start folded into the base weights, a fresh LoRA federated on top (the paper's
+setting: a fresh LoRA on a safety-aligned model). Every reader of such a run must see the same base."""
+
+import json
+
+import pytest
+import torch
+
+from fedsafe.config import load_config
+from fedsafe.errors import ConfigError, FedsafeError
+from fedsafe.rundir import START_ADAPTER
+
+MERGED = ["fl.rounds=2", "init.adapter=align", "init.steps=3", "init.n=20", "init.merge=true"]
+
+
+def logits(rt, vec, ids):
+    with rt.handle.swapped(vec), torch.no_grad():
+        return rt.model(input_ids=ids).logits
+
+
+def test_folding_a_start_equals_applying_it_as_an_adapter():
+    from fedsafe.runtime import get_runtime
+
+    cfg = load_config("tiny")
+    rt = get_runtime(cfg.model, cfg.lora)
+    g = torch.Generator().manual_seed(1)
+    start = torch.randn(rt.handle.numel, generator=g) * 0.5
+    fresh = rt.init_vec(0)  # B = 0: no change to the model
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    plain = logits(rt, fresh, ids)
+    with_start = logits(rt, start, ids)
+    assert not torch.allclose(plain, with_start, atol=1e-4)  # the start does change the model
+    rt.set_base_delta(start)
+    try:
+        torch.testing.assert_close(logits(rt, fresh, ids), with_start, atol=1e-5, rtol=1e-4)
+        rt.set_base_delta(start)  # same start again: a no-op, not a second addition
+        torch.testing.assert_close(logits(rt, fresh, ids), with_start, atol=1e-5, rtol=1e-4)
+    finally:
+        rt.set_base_delta(None)
+    assert torch.equal(logits(rt, fresh, ids), plain)  # restored exactly, not add-then-subtract
+
+
+def test_merge_needs_a_start_and_excludes_projection():
+    with pytest.raises(ConfigError, match="init.merge"):
+        load_config("tiny", ["init.merge=true"])
+    with pytest.raises(ConfigError, match="init.merge"):
+        load_config("tiny", MERGED + ["defense.projection=true"])
+
+
+def test_merged_run_trains_a_fresh_lora_and_every_reader_uses_its_base(tmp_path):
+    from fedsafe.eval.command import evaluate_target
+    from fedsafe.pipeline import build_engine, run
+    from fedsafe.runtime import get_runtime
+
+    cfg = load_config("tiny", MERGED + ["defense.enabled=true", "defense.level=1"])
+    d = tmp_path / "run"
+    eng = build_engine(cfg, d, progress=False)
+    assert torch.equal(eng.init_vec, eng.rt.init_vec(cfg.seed))  # fresh LoRA (B = 0) ...
+    assert eng.start_vec.abs().sum() > 0 and not torch.equal(eng.start_vec, eng.init_vec)  # ... on the start
+    fin = run(cfg, tmp_path / "full", progress=False)
+    res = fin.results
+    assert (fin.run_dir / START_ADAPTER / "adapter_model.safetensors").exists()
+    assert (fin.defense_dir / START_ADAPTER / "adapter_model.safetensors").exists()
+
+    # a reader in a fresh state (base as loaded) gets the same verdicts: it folds the run's start back in
+    rt = get_runtime(cfg.model, cfg.lora)
+    rt.set_base_delta(None)
+    again = evaluate_target(
+        str(fin.run_dir),
+        bench="tiny-harmful",
+        max_new_tokens=cfg.eval.max_new_tokens,
+        batch_size=8,
+        limit=cfg.data.eval_harmful_n,
+        progress=False,
+        out=tmp_path / "ev",
+    )
+    assert rt.base_delta_key  # the start is folded in
+    first = [json.loads(x)["response"] for x in (fin.run_dir / "eval" / "harmful.jsonl").read_text().splitlines()]
+    second = [json.loads(x)["response"] for x in (tmp_path / "ev" / "harmful.jsonl").read_text().splitlines()]
+    assert res["refusal"]["n"] == again["refusal"]["n"]
+    assert sorted(first) == sorted(second)
+
+    # without the start adapter the run is refused in one line, not evaluated on the wrong base
+    import shutil
+
+    shutil.rmtree(fin.run_dir / START_ADAPTER)
+    with pytest.raises(FedsafeError, match="start_adapter"):
+        evaluate_target(str(fin.run_dir), bench="tiny-harmful", limit=2, progress=False, out=tmp_path / "ev2")
