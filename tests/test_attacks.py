@@ -157,6 +157,24 @@ def test_cli_refuses_with_one_line_and_exit_2(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_refused_while_the_engine_is_built_leaves_no_run_directory(tmp_path, capsys):
+    """The 'estimate' coalition's data check runs when the engine is built, after the run directory was
+    made: the refusal removes what it created (also missing parents) and empties nothing that existed."""
+    from fedsafe.cli import main
+
+    args = ["run", "tiny", "attack.behaviour=alie", "attack.knowledge=estimate", "attack.ref_updates=100000",
+            "fl.rounds=1", "--no-eval", "-q", "--run-dir"]
+    assert main([*args, str(tmp_path / "new" / "parent" / "run")]) == 2
+    assert "benign-looking reference sets" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "empty").mkdir()
+    assert main([*args, str(tmp_path / "empty")]) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["empty"] and list((tmp_path / "empty").iterdir()) == []
+    out = tmp_path / "runs"
+    assert main([*args[:-1], f"output_dir={out}"]) == 2  # default OUTPUT_DIR/NAME-TIMESTAMP
+    assert [p.name for p in tmp_path.iterdir()] == ["empty"]
+
+
 @pytest.mark.parametrize("behaviour, knowledge", [("alie", "omniscient"), ("stealthy", "estimate")])
 def test_engine_crafts_the_malicious_update(tmp_path, behaviour, knowledge):
     from fedsafe.pipeline import build_engine

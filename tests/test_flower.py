@@ -232,8 +232,13 @@ def test_server_app_monitor_evaluation_and_posthoc_defense(tmp_path, task_identi
     assert len(cli_defended) == 1 and str(cli_defended[0]) in " ".join(err.split()).replace(" ", "")
     cli_defended = cli_defended[0]
     assert json.loads((cli_defended / "defense.json").read_text())["source_run"] == str(cli_dir.resolve())
-    # round -1 (the start adapter's probe row) is written by Engine.run only; the Flower strategy has none yet
-    assert [r["probe_refusal"] for r in rows(d)] == [r["probe_refusal"] for r in rows(cli_dir) if r["round"] >= 0]
+    # the same kinds of metrics rows: the start adapter's probe row (round -1) first, then one per round
+    def kinds(run):
+        return [(r["round"], r.get("start", False), "probe_refusal" in r) for r in rows(run)]
+
+    assert kinds(d) == kinds(cli_dir) == [(-1, True, True), (0, False, True), (1, False, True)]
+    assert rows(d)[0] == rows(cli_dir)[0]
+    assert [r["probe_refusal"] for r in rows(d)] == [r["probe_refusal"] for r in rows(cli_dir)]
     assert assert_same_adapter(defended, cli_defended, atol=1e-6) == 0.0
     for a, b in ((d, cli_dir), (defended, cli_defended)):
         ra, rb = (json.loads((x / "results.json").read_text()) for x in (a, b))
@@ -276,6 +281,40 @@ def test_missing_client_node_counts_as_rejected(tmp_path, task_identity):
 
 
 
+
+class LeavingGrid(LocalGrid):
+    """A LocalGrid whose node ``leaves`` disappears (as the SuperLink reports a dead SuperNode) once the
+    train replies of round 0 are in."""
+
+    def __init__(self, *a, leaves: int, **k):
+        super().__init__(*a, **k)
+        self.leaves = leaves
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        out = super().send_and_receive(messages, timeout=timeout)
+        if messages and messages[0].metadata.message_type == "train":
+            self.nodes.pop(self.leaves, None)
+        return out
+
+
+def test_restarted_supernode_takes_over_its_partition_once_the_old_node_is_gone(tmp_path, task_identity):
+    """A restarted SuperNode (new node id) claiming the partition of a node that is still listed is refused
+    as a duplicate; once the SuperLink drops the old node, the new one is asked again and sampled."""
+    from fedsafe.flower import client_app, server_app
+
+    ov = ["fl.rounds=2"]  # round 1 samples clients 1, 2, 3
+    ref = in_process(tmp_path, "tiny", ov)
+    grid = LeavingGrid(client_app.app, [{"partition-id": i} for i in (0, 1, 2, 3, 1)],
+                       {"fedsafe-config": "tiny", "overrides": " ".join(ov)}, leaves=1001)
+    d = server_app.run_server(grid, load_config("tiny", ov), tmp_path / "flower", evaluate=False)
+    info = json.loads((d / "flower.json").read_text())
+    assert [r["nodes"].get("1") for r in info["rounds"]] == [None, 1004]
+    assert all(not r["rejected"] for r in info["rounds"]) and not info["node_problems"]
+    assert info["nodes"]["1"] == 1004
+    assert assert_same_adapter(d, ref, atol=0.0) == 0.0
+
+
 # --------------------------------------------------------------------------------------------- resume
 class DyingGrid(LocalGrid):
     """A LocalGrid whose connection dies when the train messages of round ``die_at`` (0-based, counted
@@ -302,12 +341,13 @@ def _grid(ov, cls=LocalGrid, **k):
 
 
 @pytest.mark.parametrize("overrides", [
-    ["fl.rounds=4"],
+    ["fl.rounds=4", "monitor.every=4"],
     ["fl.rounds=4", "fl.fed_alg=fedadam", "fl.server_lr=0.01", "fl.aggregator=foolsgold", "fl.sample_clients=3"],
 ])
 def test_server_app_resume_equals_uninterrupted(tmp_path, task_identity, overrides):
     """The connection dies in round 3 of 4; resume=true continues from the round-2 checkpoint and ends
-    bit-identical to an uninterrupted Flower run (server optimiser and FoolsGold state included)."""
+    bit-identical to an uninterrupted Flower run (server optimiser and FoolsGold state included); the
+    start row (round -1, with monitoring) is kept once, as `fedsafe run --resume` keeps it."""
     from fedsafe.flower import server_app
 
     cfg = load_config("tiny", overrides)
@@ -320,8 +360,10 @@ def test_server_app_resume_equals_uninterrupted(tmp_path, task_identity, overrid
     out = server_app.run_server(_grid(overrides), cfg, d, evaluate=False, resume=True)
     assert out == d.resolve()
     assert assert_same_adapter(d, ref, atol=0.0) == 0.0
-    assert [r["round"] for r in rows(d)] == [0, 1, 2, 3]
-    for a, b in zip(rows(d), rows(ref)):
+    monitored = "monitor.every=4" in overrides
+    assert [r["round"] for r in rows(d)] == [r["round"] for r in rows(ref)] == [-1] * monitored + [0, 1, 2, 3]
+    assert [r.get("probe_refusal") for r in rows(d)] == [r.get("probe_refusal") for r in rows(ref)]
+    for a, b in zip(rows(d)[monitored:], rows(ref)[monitored:]):
         for k in ("sampled", "client_loss", "client_weights", "agg_norm", "train_loss", "lr"):
             assert a[k] == b[k], (a["round"], k)
     info = json.loads((d / "flower.json").read_text())
@@ -406,9 +448,19 @@ def _malform(kind: str, good: Message) -> Message | None:
         return Message(RecordDict({"metrics": metrics}), reply_to=_instr(good))
     elif kind == "no_metrics":
         return Message(RecordDict({"arrays": ArrayRecord(sd)}), reply_to=_instr(good))
+    elif kind in ("ten_times", "extra_records"):  # as large as 10 adapters: in one array, or in more records
+        rec = ArrayRecord(sd)
+        if kind == "ten_times":
+            a = rec[k0]
+            rec[k0] = Array(dtype=a.dtype, shape=a.shape, stype=a.stype, data=a.data * 10)
+            return Message(RecordDict({"arrays": rec, "metrics": metrics}), reply_to=_instr(good))
+        more = RecordDict({"arrays": rec, "metrics": metrics})
+        for i in range(9):
+            more[f"arrays{i}"] = ArrayRecord({k: v.clone() for k, v in sd.items()})
+        return Message(more, reply_to=_instr(good))
     elif kind == "undecodable":
         rec = ArrayRecord(sd)
-        rec[k0] = Array(dtype="float32", shape=(1,), stype="numpy.ndarray", data=b"garbage")
+        rec[k0] = Array(dtype="float32", shape=tuple(sd[k0].shape), stype="numpy.ndarray", data=b"garbage")
         return Message(RecordDict({"arrays": rec, "metrics": metrics}), reply_to=_instr(good))
     else:
         raise AssertionError(kind)
@@ -428,13 +480,19 @@ def _instr(reply: Message) -> Message:
     ("inf", "non-finite"), ("missing_key", "missing 1 adapter"), ("extra_key", "unexpected"),
     ("int_dtype", "dtype"), ("huge_norm", "exceeds fl.max_update_norm"), ("no_arrays", "no ArrayRecord"),
     ("no_metrics", "train_loss"), ("undecodable", "cannot be decoded"),
+    ("ten_times", "bytes for shape"), ("extra_records", "unexpected record(s) ['arrays0'"),
 ])
-def test_aggregate_train_drops_malformed_reply(tmp_path, task_identity, kind, needle):
-    """A malformed reply is reported by node id and dropped; the round aggregates the other client."""
+def test_aggregate_train_drops_malformed_reply(tmp_path, task_identity, kind, needle, monkeypatch):
+    """A malformed reply is reported by node id and dropped; the round aggregates the other client. A reply
+    with 10x an adapter's bytes (in one array or in extra records) is refused before it is decoded."""
     from fedsafe.pipeline import build_engine
     from fedsafe.rundir import write_run_header
-    from fedsafe.flower import client_app
+    from fedsafe.flower import client_app, strategy
     from fedsafe.flower.strategy import FedsafeStrategy
+
+    decoded = []
+    monkeypatch.setattr(strategy, "record_to_state_dict",
+                        lambda rec: decoded.append(rec) or client_app.record_to_state_dict(rec))
 
     ov = ["fl.rounds=1", "fl.sample_clients=2", "fl.max_update_norm=1000"]
     rc = {"fedsafe-config": "tiny", "overrides": " ".join(ov)}
@@ -469,6 +527,8 @@ def test_aggregate_train_drops_malformed_reply(tmp_path, task_identity, kind, ne
     new = eng.rt.handle.flat_from_state_dict(arrays.to_torch_state_dict())
     assert torch.allclose(new, kept, atol=1e-7) and not torch.equal(new, g0)
     assert strat.report()["rounds"][0]["rejected"]["3"] == row["rejected"]["3"]
+    if "before decoding" in row["rejected"]["3"]:
+        assert len(decoded) == 1  # only the good reply was decoded into tensors
 
 
 def test_reply_from_unexpected_node_is_ignored(tmp_path, task_identity):

@@ -48,7 +48,7 @@ from .rundir import (
     START_ADAPTER,
     TRAIN_SUMMARY,
     load_run_config,
-    new_run_dir,
+    set_up_run_dir,
     write_run_header,
 )
 from .runtime import Runtime, get_runtime
@@ -179,9 +179,9 @@ def run(
     **kw: Any,
 ) -> Finished:
     """Like :func:`start_run`, but returns everything the run produced (:class:`Finished`)."""
-    d = new_run_dir(cfg, run_dir, overwrite)
-    eng = build_engine(cfg, d, progress=progress, **kw)
-    write_run_header(cfg, d, eng.fed)
+    with set_up_run_dir(cfg, run_dir, overwrite) as d:  # refused while set up: leaves no directory behind
+        eng = build_engine(cfg, d, progress=progress, **kw)
+        write_run_header(cfg, d, eng.fed)
     return _train_and_finish(eng, evaluate)
 
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 import re
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 
@@ -65,6 +67,38 @@ def new_run_dir(cfg: RunConfig, run_dir: str | Path | None = None, overwrite: bo
     except OSError as e:  # output_dir is a file, no permission, ...
         raise FedsafeError(f"cannot create run directory {d}: {e.strerror or e}") from None
     return d
+
+
+@contextmanager
+def set_up_run_dir(cfg: RunConfig, run_dir: str | Path | None = None, overwrite: bool = False) -> Iterator[Path]:
+    """:func:`new_run_dir` for the set-up of a run that may still be refused (e.g. a config the engine
+    cannot build): if the ``with`` body raises, the directories this call created are removed again, and
+    a directory that existed (empty) before is emptied, so a refused start leaves nothing behind."""
+    target = Path(run_dir) if run_dir is not None else Path(cfg.output_dir)
+    created = _first_missing(target)
+    d = new_run_dir(cfg, run_dir, overwrite)
+    if created is None and run_dir is None:  # output_dir existed: the stamped directory is new
+        created = d
+    try:
+        yield d
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        else:
+            for p in d.iterdir():
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+        raise
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost directory that ``mkdir(parents=True)`` of ``path`` would create (None: it exists)."""
+    path, missing = path.absolute(), None
+    while not path.exists() and path != path.parent:
+        path, missing = path.parent, path
+    return missing
 
 
 def is_run_dir(path: str | Path) -> bool:

@@ -31,7 +31,7 @@ from ..config import RunConfig
 from ..errors import FedsafeError
 from ..io import atomic_write_json
 from ..pipeline import build_engine, finish_run, save_final
-from ..rundir import new_run_dir, write_run_header
+from ..rundir import set_up_run_dir, write_run_header
 from . import as_bool, check_supported, load_run_cfg, run_config_value
 from .resume import check_resume, identity
 from .strategy import FedsafeStrategy
@@ -67,11 +67,12 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: str | Path | None = None, *,
         start = eng.try_resume()  # newest verified checkpoint; later metrics lines are dropped
         log(INFO, "fedsafe: resuming %s at round %d/%d", d, start + 1, cfg.fl.rounds)
     else:
-        d = new_run_dir(cfg, run_dir)  # an existing empty directory is fine; a non-empty one is refused
-        d = d.resolve()
-        log(INFO, "fedsafe: run directory %s", d)
-        eng = build_engine(cfg, d, progress=False)
-        write_run_header(cfg, d, eng.fed)
+        # an existing empty directory is fine, a non-empty one is refused; a refused set-up leaves nothing
+        with set_up_run_dir(cfg, run_dir) as d:
+            d = d.resolve()
+            log(INFO, "fedsafe: run directory %s", d)
+            eng = build_engine(cfg, d, progress=False)
+            write_run_header(cfg, d, eng.fed)
         prev = {}
     strategy = FedsafeStrategy(eng, node_wait_s=node_wait_s)
     strategy.rounds = [r for r in prev.get("rounds", []) if int(r.get("round", -1)) < eng.start_round]
@@ -83,8 +84,11 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: str | Path | None = None, *,
         atomic_write_json(d / "flower.json", {**info, **strategy.report()})
 
     write_info()
+    strategy.on_round = write_info
     t0 = time.time()
     try:
+        if eng.start_round == 0:  # the start adapter's probe row (round -1), as Engine.run writes it
+            eng.record_start()
         if eng.start_round < cfg.fl.rounds:  # a run interrupted after its last round only needs the rest
             strategy.start(grid=grid, initial_arrays=ArrayRecord(eng.rt.handle.state_dict(eng.global_vec)),
                            num_rounds=cfg.fl.rounds - eng.start_round, timeout=round_timeout_s)

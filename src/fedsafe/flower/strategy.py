@@ -9,7 +9,8 @@ Beutel et al. arXiv:2007.14390) that overrides only what fedsafe needs:
   each one the global LoRA adapter, the round's client learning rate (cosine schedule, constant within
   a round, as Ye et al., ICLR 2025) and, for SCAFFOLD, its correction ``c - c_i``. A node whose node
   config is missing or malformed is reported by node id and never sampled.
-* :meth:`aggregate_train` checks every reply: an error reply, a missing/undecodable ``ArrayRecord``, or
+* :meth:`aggregate_train` checks every reply: an error reply, a missing/undecodable ``ArrayRecord``, a
+  reply with extra records or more bytes than the adapter (:func:`check_reply_size`, before decoding), or
   an adapter that fails :func:`fedsafe.fl.updates.validate_state` (keys, shapes, dtype, NaN/Inf, norm)
   is logged by node id and dropped, and the round goes on with the others. The kept updates are then
   aggregated by the server-side :class:`~fedsafe.fl.engine.Engine`'s own ``run_round``: the same robust
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 
 import torch
@@ -39,6 +40,34 @@ from ..fl.engine import Engine, sample_clients
 from ..fl.updates import RejectedUpdate, validate_state
 from ..lm import cosine_lr
 from .client_app import record_to_state_dict
+
+
+#: the records a client's train reply may carry (anything else is refused before decoding)
+REPLY_RECORDS = frozenset({"arrays", "metrics"})
+#: bytes allowed per adapter array beyond 8 per element (float64, refused later by dtype): the .npy header
+NPY_SLACK = 1024
+
+
+def check_reply_size(content: RecordDict, keys: list[str], shapes: list) -> None:
+    """Refuse a reply with extra records, unexpected arrays, other declared shapes or more bytes than an
+    adapter can take, from the records' metadata and byte counts only: a reply 10x an adapter's size is
+    never decoded into tensors. Raises ``RejectedUpdate``."""
+    extra = sorted(set(content.keys()) - REPLY_RECORDS)
+    if extra:
+        raise RejectedUpdate(f"reply has unexpected record(s) {extra[:5]} (allowed: {sorted(REPLY_RECORDS)}); "
+                             "refused before decoding")
+    rec = content.array_records["arrays"]
+    want = {k: tuple(int(d) for d in shape) for k, shape in zip(keys, shapes)}
+    unexpected = [k for k in rec.keys() if k not in want]
+    if unexpected:
+        raise RejectedUpdate(f"reply has {len(unexpected)} unexpected array(s) {unexpected[:3]}; refused before decoding")
+    for k, arr in rec.items():
+        shape = tuple(int(d) for d in getattr(arr, "shape", ()))
+        if shape != want[k]:
+            raise RejectedUpdate(f"array {k!r} declares shape {shape}, expected {want[k]}; refused before decoding")
+        n = len(getattr(arr, "data", b"") or b"")
+        if n > 8 * math.prod(shape) + NPY_SLACK:
+            raise RejectedUpdate(f"array {k!r} is {n} bytes for shape {shape}; refused before decoding")
 
 
 class FedsafeStrategy(FedAvg):
@@ -64,7 +93,11 @@ class FedsafeStrategy(FedAvg):
         self.node_to_cid: dict[int, int] = {}
         self.node_problems: dict[int, str] = {}  # node id -> why it holds no client
         self.queried: set[int] = set()
+        self.claims: dict[int, int] = {}  # node id -> client id it claimed while another live node held it
         self.rounds: list[dict] = []
+        # called once a round's report is in ``rounds``, before its metrics line and checkpoint are written
+        # (the ServerApp rewrites flower.json there, so a resume after a kill finds every checkpointed round)
+        self.on_round: Callable[[], None] | None = None
         self._waited = False
         self._pending: dict | None = None
 
@@ -102,6 +135,9 @@ class FedsafeStrategy(FedAvg):
                 cid = self.node_to_cid.pop(n)
                 if self.cid_to_node.get(cid) == n:
                     del self.cid_to_node[cid]
+                    # a node refused as a duplicate of this client (e.g. the same SuperNode restarted
+                    # before the SuperLink saw the old one go) is asked again, and may take it over now
+                    self.queried -= {m for m, c in self.claims.items() if c == cid}
             new = [n for n in nodes if n not in self.queried]
             if new:
                 self._query(grid, new)
@@ -138,10 +174,12 @@ class FedsafeStrategy(FedAvg):
             holder = self.cid_to_node.get(cid)
             if holder is not None and holder != n:
                 self._problem(n, f"duplicate partition-id {cid} (already held by node {holder}); node not used")
+                self.claims[n] = cid
                 continue
             self.cid_to_node[cid] = n
             self.node_to_cid[n] = cid
             self.node_problems.pop(n, None)
+            self.claims.pop(n, None)
             log(INFO, "fedsafe: node %d holds client %d%s", n, cid,
                 " (malicious)" if cid in self.engine.malicious else "")
         for n in nodes:
@@ -198,6 +236,7 @@ class FedsafeStrategy(FedAvg):
         recs = msg.content.array_records
         if "arrays" not in recs:
             raise RejectedUpdate(f"reply has no ArrayRecord 'arrays' (records: {sorted(msg.content.keys())})")
+        check_reply_size(msg.content, eng.keys, eng.shapes)  # nothing is decoded into tensors before this
         try:
             sd = record_to_state_dict(recs["arrays"])
         except ValueError as e:
@@ -245,8 +284,6 @@ class FedsafeStrategy(FedAvg):
                 problems[cid] = f"node {node}: no reply within the round timeout"
                 log(WARNING, "fedsafe: round %d: no reply from node %d (client %d)", rnd + 1, node, cid)
         row = self._run_engine_round(rnd, updates, problems, p)
-        self.rounds.append({"round": rnd, "nodes": {str(c): n for n, c in p["sent"].items()},
-                            "rejected": {str(c): r for c, r in sorted(problems.items())}})
         loss = row.get("train_loss")
         log(INFO, "fedsafe: round %d/%d done: %d updates aggregated, %d rejected, train loss %s", rnd + 1,
             self.engine.cfg.fl.rounds, len(updates), len(problems), "n/a" if loss is None else f"{loss:.4f}")
@@ -270,6 +307,10 @@ class FedsafeStrategy(FedAvg):
                 extra["rejected"] = {str(c): problems[c] for c in sorted(problems)}
             extra["nodes"] = {str(c): n for n, c in sorted(pending["sent"].items(), key=lambda x: x[1])}
             extra["round_seconds"] = round(time.time() - pending["t0"], 3)
+            self.rounds.append({"round": rnd, "nodes": {str(c): n for n, c in pending["sent"].items()},
+                                "rejected": {str(c): r for c, r in sorted(problems.items())}})
+            if self.on_round is not None:
+                self.on_round()
             return extra
 
         eng.client_update = client_update  # instance attribute shadows the method for this round only
