@@ -97,6 +97,7 @@ def build_engine(cfg: RunConfig, run_dir: Path, *, progress: bool = True, **kw: 
     if "round_callback" not in kw:
         kw["round_callback"] = make_monitor(cfg, fed, rt)
     eng = Engine(cfg, run_dir, fed, rt, progress=progress, **kw)
+    rt.set_base_delta(None)  # the server aligns the base as loaded, whatever an earlier run in this process folded in
     eng.start_vec = initial_vec(cfg, fed, rt, align_records, progress=progress)
     if cfg.init.merged:  # the start becomes part of the base model; the federation trains a fresh LoRA on it
         Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -104,7 +105,6 @@ def build_engine(cfg: RunConfig, run_dir: Path, *, progress: bool = True, **kw: 
         rt.set_base_delta(eng.start_vec)
         eng.global_vec = rt.init_vec(cfg.seed)
     else:
-        rt.set_base_delta(None)
         eng.global_vec = eng.start_vec.clone()
     eng.init_vec = eng.global_vec.clone()
     needs = rule_needs(eng.rule)
