@@ -71,7 +71,7 @@ class Runtime:
         Only LoRA-adapted modules change, so the frozen-prefix cache of the layers below stays valid."""
         if vec is None and not self._base_originals:
             return
-        key = hashlib.sha256(vec.float().contiguous().numpy().tobytes()).hexdigest() if vec is not None else ""
+        key = hashlib.sha256(vec.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest() if vec is not None else ""
         if key == self.base_delta_key:
             return
         lora = {n: m for n, m in self.model.named_modules() if hasattr(m, "get_delta_weight") and "default" in
