@@ -3,25 +3,92 @@
 These rules ignore sample counts (as in Yin et al. and the paper's code). ``client_weights``
 reports, per client, the fraction of coordinates in which its value was used.
 
-Each rule is a torch block function (run on GPUs) and, for CPU float tensors, the numpy kernel
-:func:`sorted_window`, which gives the same results several times faster.
+Each rule is a torch block function (run on GPUs) and, for CPU float tensors, a kernel that
+gives the same results several times faster: the compiled sorting network of ``_select.c``
+(:func:`native_window`), or, where no C compiler is available, the numpy one
+(:func:`sorted_window`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from . import _native
 from ._ops import block_columns, column_slices, count_rows, map_blocks, numpy_kernels
 from .base import AggResult, Param, fraction_used, register, require
 
 BlockFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-# Where the averaged run of sorted values starts: one position for all columns, or a function of the
-# block sorted along its columns, (n, c), giving one per column (Bulyan).
-Start = int | Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class NearMedian:
+    """Bulyan's run start per column: the ``size``-long run of sorted values whose farthest
+    member is nearest the column median (ties to the lowest start), one of ``0 .. 2f``."""
+
+    f: int
+
+    def __call__(self, s: np.ndarray) -> np.ndarray:
+        """The start of each column of sorted values ``s`` (theta, c).
+
+        The first ``j`` reaching the least reach, like ``argmin``, which numpy runs column by
+        column along axis 0; the ``where``/``min`` form stays vectorised along the columns.
+        """
+        f, theta = self.f, s.shape[0]
+        beta = theta - 2 * f
+        med = (s[(theta - 1) // 2] + s[theta // 2]) / 2
+        reach = np.maximum(med - s[: 2 * f + 1], s[beta - 1 :] - med)
+        j = np.arange(2 * f + 1)[:, None]
+        return np.where(reach == reach.min(axis=0), j, 2 * f + 1).min(axis=0)
+
+
+# Where the averaged run of sorted values starts: one position for all columns, or per column (Bulyan).
+Start = int | NearMedian
+
+
+def redo_unclear(xb: np.ndarray, unclear: np.ndarray, values: np.ndarray, block_fn: BlockFn) -> np.ndarray:
+    """Recompute the columns flagged ``unclear`` with the torch code; returns their use counts."""
+    redo = np.flatnonzero(unclear)
+    if not redo.size:
+        return np.zeros(xb.shape[0], dtype=np.int64)
+    v, u = block_fn(torch.from_numpy(np.ascontiguousarray(xb[:, redo])))
+    values[redo] = v.numpy()
+    return u.numpy()
+
+
+def native_window(xn: np.ndarray, rows: np.ndarray, cols: slice, start: Start, size: int,
+                  values: np.ndarray, block_fn: BlockFn) -> np.ndarray:
+    """:func:`sorted_window` of ``xn[rows, cols]`` by the compiled kernel; writes ``values[cols]``.
+
+    Same results: the kernel flags the same unclear columns (a non-finite value, or a run end
+    tied with the value just outside the run), which the torch code redoes. Returns the counts.
+    """
+    n, c = len(rows), cols.stop - cols.start
+    kernel = _native.kernel(xn.dtype)
+    bulyan_f = start.f if isinstance(start, NearMedian) else -1
+    first = 0 if bulyan_f >= 0 else start
+    keep = (0, n - 1) if bulyan_f >= 0 else (max(first - 1, 0), min(first + size, n - 1))
+    net = _native.network(n, keep)
+    unclear = np.empty(c, dtype=np.uint8)
+    counts = np.zeros(n, dtype=np.int64)
+    out = values[cols]
+    ptr = lambda a: a.ctypes.data  # noqa: E731
+    base = xn[:, cols.start :]  # a view: its data pointer is column cols.start of row 0
+    ld = xn.strides[0] // xn.itemsize
+    if kernel(ptr(base), ld, ptr(rows), n, c, ptr(net), len(net), first, size, bulyan_f,
+              ptr(out), ptr(unclear), ptr(counts)):
+        raise MemoryError("coordinate-wise kernel: out of memory for its working buffers")
+    redo = np.flatnonzero(unclear)
+    if redo.size:  # gather only those columns
+        v, u = block_fn(torch.from_numpy(xn[np.ix_(rows, cols.start + redo)]))
+        out[redo] = v.numpy()
+        counts += u.numpy()
+    return counts
 
 
 def sorted_window(xb: np.ndarray, start: Start, size: int, block_fn: BlockFn):
@@ -64,12 +131,7 @@ def sorted_window(xb: np.ndarray, start: Start, size: int, block_fn: BlockFn):
     unclear |= (first + size < n) & ~(hi < at(first + size))
     lo = np.where(unclear, np.nan, lo)  # NaN equals nothing: unclear columns are counted below
     counts = count_rows(xb == lo if size == 1 else (xb >= lo) & (xb <= hi))
-    redo = np.flatnonzero(unclear)
-    if redo.size:
-        v, u = block_fn(torch.from_numpy(xb[:, redo]))
-        values[redo] = v.numpy()
-        counts += u.numpy()
-    return values, counts
+    return values, counts + redo_unclear(xb, unclear, values, block_fn)
 
 
 def coordinatewise(
@@ -90,6 +152,14 @@ def coordinatewise(
     width = block_columns(n, chunk, device=x.device)
     if window is not None and numpy_kernels(x):
         xn, on = x.detach().numpy(), out.numpy()
+        if _native.kernel(xn.dtype) is not None and xn.strides[1] == xn.itemsize:
+            picked = np.arange(n) if rows is None else rows.cpu().numpy()
+            picked = np.ascontiguousarray(picked, dtype=np.int64)
+
+            def native(cols: slice) -> np.ndarray:
+                return native_window(xn, picked, cols, *window, on, block_fn)
+
+            return out, torch.from_numpy(sum(map_blocks(d, width, native)))
         pick = slice(None) if rows is None else rows.cpu().numpy()
 
         def work(cols: slice) -> np.ndarray:

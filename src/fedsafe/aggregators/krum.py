@@ -7,12 +7,11 @@ and memory stays at ``O(n^2)`` plus one block.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ._ops import combine, gram, one_thread, sq_distances
 from .base import AggResult, Param, as_list, fraction_used, masked_weights, register, require
-from .coordinatewise import coordinatewise
+from .coordinatewise import NearMedian, coordinatewise
 
 
 def pairwise_sq_distances(x: torch.Tensor, chunk: int | None) -> torch.Tensor:
@@ -174,20 +173,6 @@ def bulyan_select(dist2: torch.Tensor, f: int, theta: int, iterative: bool) -> l
     return chosen
 
 
-def bulyan_start(s: np.ndarray, f: int) -> np.ndarray:
-    """:func:`bulyan_block`'s window start ``j`` for each column of sorted values ``s`` (theta, c).
-
-    The first ``j`` reaching the least reach, like ``argmin``, which numpy runs column by column
-    along axis 0; the ``where``/``min`` form stays vectorised along the columns.
-    """
-    theta = s.shape[0]
-    beta = theta - 2 * f
-    med = (s[(theta - 1) // 2] + s[theta // 2]) / 2
-    reach = np.maximum(med - s[: 2 * f + 1], s[beta - 1 :] - med)
-    j = np.arange(2 * f + 1)[:, None]
-    return np.where(reach == reach.min(axis=0), j, 2 * f + 1).min(axis=0)
-
-
 def bulyan_block(blk: torch.Tensor, f: int):
     """Per column, mean of the ``beta = theta - 2f`` values closest to the median (torch version).
 
@@ -228,7 +213,7 @@ def bulyan(x, w, *, state=None, chunk=None, f=1, selection="iterative") -> AggRe
     theta = n - 2 * f
     chosen = bulyan_select(pairwise_sq_distances(x, chunk), f, theta, selection == "iterative")
     sel = torch.tensor(chosen, device=x.device)
-    window = (lambda s: bulyan_start(s, f), theta - 2 * f)
+    window = (NearMedian(f), theta - 2 * f)
     out, used = coordinatewise(x, chunk, lambda blk: bulyan_block(blk, f), window, rows=sel)
     counts = torch.zeros(n, dtype=torch.int64, device=x.device)
     counts[sel] = used
