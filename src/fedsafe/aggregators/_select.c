@@ -49,13 +49,42 @@
 #define CAT(a, b) CAT2(a, b)
 #define V CAT(NAME, _vec)
 #define M CAT(NAME, _mask)
+#define CX CAT(NAME, _cx)
 typedef T V __attribute__((vector_size(VBYTES)));
 typedef I M __attribute__((vector_size(VBYTES)));
+
+/* One comparator: *a gets the lane-wise min, *b the max. Where u < v is false (u >= v, or a
+   NaN: such columns are redone anyway) the lane swaps. */
+static inline void CX(V *a, V *b) {
+  V u = *a, v = *b;
+#ifdef __AVX__ /* minps/maxps: exactly u < v ? u : v and u > v ? u : v, one instruction each */
+  if (sizeof(T) == 4) {
+    *a = (V)__builtin_ia32_minps256((__v8sf)u, (__v8sf)v);
+    *b = (V)__builtin_ia32_maxps256((__v8sf)u, (__v8sf)v);
+  } else {
+    *a = (V)__builtin_ia32_minpd256((__v4df)u, (__v4df)v);
+    *b = (V)__builtin_ia32_maxpd256((__v4df)u, (__v4df)v);
+  }
+#else /* compare + blend on any SIMD target */
+  M lt = u < v, ui = (M)u, vi = (M)v;
+  *a = (V)((ui & lt) | (vi & ~lt));
+  *b = (V)((vi & lt) | (ui & ~lt));
+#endif
+}
+
+#ifdef NETWORK /* one n's network as straight-line code (see _native.py): lines live in registers */
+static inline void CAT(NAME, _sort)(V *buf) {
+#include NETWORK
+}
+#endif
 
 int NAME(const T *x, int64_t ld, const int64_t *rows, int64_t n, int64_t c, const int32_t *net,
          int64_t ncomp, int64_t start, int64_t size, int64_t bulyan_f, T *values,
          uint8_t *unclear, int64_t *counts) {
   enum { L = LINE_BYTES / sizeof(T), NV = LINE_BYTES / VBYTES, VL = VBYTES / sizeof(T) };
+#ifdef NETWORK
+  if (n != NETWORK_N || NV != 1) return 2; /* built for another n */
+#endif
   /* Rows are copied a panel of P columns at a time into `stage` (sequential reads, which the
      hardware prefetches; rows of x are often 2^k bytes apart, which maps them all to one cache
      set), then sorted a tile of L columns at a time. One line = one row's values in a tile. */
@@ -90,26 +119,13 @@ int NAME(const T *x, int64_t ld, const int64_t *rows, int64_t n, int64_t c, cons
         finite[h] &= v - v == 0; /* false for NaN and +-inf */
       }
     }
-    for (int64_t k = 0; k < ncomp; k++) {
-      V *a = buf + net[2 * k] * NV, *b = buf + net[2 * k + 1] * NV;
-      for (int h = 0; h < NV; h++) {
-        V u = a[h], v = b[h];
-#if defined(__AVX__) && !defined(NO_MINMAX)
-        /* minps/maxps: exactly u < v ? u : v and u > v ? u : v, one instruction each */
-        if (sizeof(T) == 4) {
-          a[h] = (V)__builtin_ia32_minps256((__v8sf)u, (__v8sf)v);
-          b[h] = (V)__builtin_ia32_maxps256((__v8sf)u, (__v8sf)v);
-        } else {
-          a[h] = (V)__builtin_ia32_minpd256((__v4df)u, (__v4df)v);
-          b[h] = (V)__builtin_ia32_maxpd256((__v4df)u, (__v4df)v);
-        }
+#ifdef NETWORK
+    (void)net, (void)ncomp;
+    CAT(NAME, _sort)(buf); /* NV == 1: the generated code works on one register per line */
 #else
-        M lt = u < v, ui = (M)u, vi = (M)v;
-        a[h] = (V)((ui & lt) | (vi & ~lt));
-        b[h] = (V)((vi & lt) | (ui & ~lt));
+    for (int64_t k = 0; k < ncomp; k++)
+      for (int h = 0; h < NV; h++) CX(buf + net[2 * k] * NV + h, buf + net[2 * k + 1] * NV + h);
 #endif
-      }
-    }
     int64_t first[L];
     _Alignas(64) T lo[L], hi[L];
     for (int l = 0; l < L; l++) {
@@ -140,10 +156,9 @@ int NAME(const T *x, int64_t ld, const int64_t *rows, int64_t n, int64_t c, cons
       if (bulyan_f < 0) /* one run for all lanes */
         for (int64_t i = start; i < start + size; i++)
           for (int l = 0; l < L; l++) sum[l] += (double)sorted[i * L + l];
-      else
-        for (int64_t i = 0; i < n; i++)
-          for (int l = 0; l < L; l++)
-            sum[l] += i >= first[l] && i < first[l] + size ? (double)sorted[i * L + l] : 0.0;
+      else /* per-lane runs (a masked sum over all n gave wrong double sums once GCC 12 vectorised it) */
+        for (int64_t k = 0; k < size; k++)
+          for (int l = 0; l < L; l++) sum[l] += (double)sorted[(first[l] + k) * L + l];
       for (int l = 0; l < w; l++) values[j0 + l] = (T)(sum[l] / (double)size);
     }
     for (int64_t i = 0; i < n; i++) {
@@ -163,4 +178,5 @@ int NAME(const T *x, int64_t ld, const int64_t *rows, int64_t n, int64_t c, cons
 }
 #undef V
 #undef M
+#undef CX
 #endif

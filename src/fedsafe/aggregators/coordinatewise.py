@@ -61,6 +61,13 @@ def redo_unclear(xb: np.ndarray, unclear: np.ndarray, values: np.ndarray, block_
     return u.numpy()
 
 
+def sorted_positions_read(n: int, start: Start, size: int) -> tuple[int, int]:
+    """The sorted positions a run needs: its own and the neighbours its tie check reads."""
+    if isinstance(start, NearMedian):
+        return (0, n - 1)
+    return (max(start - 1, 0), min(start + size, n - 1))
+
+
 def native_window(xn: np.ndarray, rows: np.ndarray, cols: slice, start: Start, size: int,
                   values: np.ndarray, block_fn: BlockFn) -> np.ndarray:
     """:func:`sorted_window` of ``xn[rows, cols]`` by the compiled kernel; writes ``values[cols]``.
@@ -69,11 +76,10 @@ def native_window(xn: np.ndarray, rows: np.ndarray, cols: slice, start: Start, s
     tied with the value just outside the run), which the torch code redoes. Returns the counts.
     """
     n, c = len(rows), cols.stop - cols.start
-    kernel = _native.kernel(xn.dtype)
     bulyan_f = start.f if isinstance(start, NearMedian) else -1
     first = 0 if bulyan_f >= 0 else start
-    keep = (0, n - 1) if bulyan_f >= 0 else (max(first - 1, 0), min(first + size, n - 1))
-    net = _native.network(n, keep)
+    keep = sorted_positions_read(n, start, size)
+    kernel, net = _native.kernel(xn.dtype, n, keep), _native.network(n, keep)
     unclear = np.empty(c, dtype=np.uint8)
     counts = np.zeros(n, dtype=np.int64)
     out = values[cols]
@@ -152,7 +158,8 @@ def coordinatewise(
     width = block_columns(n, chunk, device=x.device)
     if window is not None and numpy_kernels(x):
         xn, on = x.detach().numpy(), out.numpy()
-        if _native.kernel(xn.dtype) is not None and xn.strides[1] == xn.itemsize:
+        keep = sorted_positions_read(n, *window)
+        if xn.strides[1] == xn.itemsize and _native.kernel(xn.dtype, n, keep) is not None:
             picked = np.arange(n) if rows is None else rows.cpu().numpy()
             picked = np.ascontiguousarray(picked, dtype=np.int64)
 
