@@ -165,3 +165,31 @@ def test_without_a_compiler_the_numpy_kernel_serves(monkeypatch, tmp_path, caplo
         assert _native.kernel(np.float32, 5, (1, 3)) is None
     finally:
         _native._library.cache_clear()  # later tests build (or find) the real kernels again
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [3, 4, 5, 10, 33, 100])
+def test_compiled_slope_medians_equal_numpy_bit_for_bit(n, dtype):
+    gen = torch.Generator().manual_seed(n)
+    s = torch.randn(43, n, generator=gen, dtype=dtype)  # 43 rows: not a multiple of 8 or 4
+    s[:15] = torch.randint(-2, 3, (15, n), generator=gen).to(dtype)  # ties: equal slopes
+    s[20, 1], s[21, 0] = math.nan, math.inf  # rows the network cannot order: numpy redoes them
+    s = s.sort(dim=1).values
+    with np.errstate(all="ignore"):  # inf - inf, as inside the rule (map_blocks)
+        got = residual.slope_medians(s).numpy()
+        want = residual.numpy_slope_medians(s.numpy())
+    assert _native.slope_kernel(got.dtype, n)[0] is not None
+    np.testing.assert_array_equal(got, want)
+
+
+@needs_compiler
+def test_residual_rule_is_unchanged_by_the_compiled_slopes(monkeypatch):
+    x = tied(12, 300, seed=4)
+    fast = call("residual", x, chunk=64)
+    with monkeypatch.context() as m:
+        m.setattr(_native, "slope_kernel", lambda *a: (None, None))
+        slow = call("residual", x, chunk=64)
+    torch.testing.assert_close(fast.aggregate, slow.aggregate, rtol=0, atol=0)
+    torch.testing.assert_close(fast.client_weights, slow.client_weights, rtol=0, atol=0)
+    assert fast.info == slow.info

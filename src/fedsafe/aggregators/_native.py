@@ -82,6 +82,9 @@ def _build(name: str, network: str | None, defines: tuple[str, ...]) -> ctypes.C
     for fn in (lib.fs_window_f32, lib.fs_window_f64):
         fn.argtypes = [p, i64, p, i64, i64, p, i64, i64, i64, i64, p, p, p]
         fn.restype = ctypes.c_int
+    for fn in (lib.fs_window_f32_slopes, lib.fs_window_f64_slopes):
+        fn.argtypes = [p, i64, i64, p, i64, p]
+        fn.restype = ctypes.c_int
     return lib
 
 
@@ -116,6 +119,19 @@ def kernel(dtype: np.dtype, n: int, keep: tuple[int, int]):
     if lib is None:
         return None
     return lib.fs_window_f32 if np.dtype(dtype) == np.float32 else lib.fs_window_f64
+
+
+def slope_kernel(dtype: np.dtype, n: int):
+    """The compiled repeated-median slopes for ``n`` sorted values per row (see residual.py),
+    with the network it needs (for the ``n - 1`` other points, middle kept), or (None, None)."""
+    if np.dtype(dtype) not in (np.float32, np.float64) or n < 2:
+        return None, None
+    keep = ((n - 2) // 2, (n - 1) // 2)
+    lib = _library(n - 1, keep)
+    if lib is None:
+        return None, None
+    fn = lib.fs_window_f32_slopes if np.dtype(dtype) == np.float32 else lib.fs_window_f64_slopes
+    return fn, network(n - 1, keep)
 
 
 def _batcher_pairs(p: int) -> list[tuple[int, int]]:

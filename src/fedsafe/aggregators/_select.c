@@ -176,6 +176,57 @@ int NAME(const T *x, int64_t ld, const int64_t *rows, int64_t n, int64_t c, cons
   free(buf), free(stage), free(acc);
   return 0;
 }
+
+/* Residual's repeated-median slopes: for each row of s (c, n), and each i, the median over
+   j != i of (s_i - s_j) / (i - j) -- the same IEEE operations as the numpy code, each pair
+   divided once (the slope is symmetric) -- by the network for n - 1 lines, 8 (or 4) rows at a
+   time in the SIMD lanes. Writes out (c, n). Returns 2 if the network is not for n - 1. */
+int CAT(NAME, _slopes)(const T *s, int64_t c, int64_t n, const int32_t *net, int64_t ncomp,
+                        T *out) {
+  enum { L = LINE_BYTES / sizeof(T), NV = LINE_BYTES / VBYTES };
+  int64_t m = n - 1;
+#ifdef NETWORK
+  if (m != NETWORK_N || NV != 1) return 2;
+#endif
+  T *line = aligned_alloc(64, (size_t)n * LINE_BYTES);      /* s, one line per position */
+  T *pair = aligned_alloc(64, (size_t)n * n * LINE_BYTES);  /* slope (i, j), i < j */
+  V *buf = aligned_alloc(64, (size_t)(m > 0 ? m : 1) * LINE_BYTES);
+  if (!line || !pair || !buf) {
+    free(line), free(pair), free(buf);
+    return 1;
+  }
+  T *sorted = (T *)buf;
+  for (int64_t j0 = 0; j0 < c; j0 += L) {
+    int64_t w = c - j0 < L ? c - j0 : L;
+    for (int64_t j = 0; j < n; j++) /* transpose the tile: lanes are rows of s */
+      for (int l = 0; l < L; l++) line[j * L + l] = l < w ? s[(j0 + l) * n + j] : 0;
+    for (int64_t i = 0; i < n; i++)
+      for (int64_t j = i + 1; j < n; j++)
+        for (int l = 0; l < L; l++)
+          pair[(i * n + j) * L + l] = (line[i * L + l] - line[j * L + l]) / (T)(i - j);
+    for (int64_t i = 0; i < n; i++) {
+      for (int64_t j = 0, k = 0; j < n; j++) {
+        if (j == i) continue;
+        const T *src = pair + ((j < i ? j * n + i : i * n + j) * L);
+        memcpy(buf + k * NV, src, LINE_BYTES);
+        k++;
+      }
+#ifdef NETWORK
+      (void)net, (void)ncomp;
+      CAT(NAME, _sort)(buf);
+#else
+      for (int64_t k = 0; k < ncomp; k++)
+        for (int h = 0; h < NV; h++) CX(buf + net[2 * k] * NV + h, buf + net[2 * k + 1] * NV + h);
+#endif
+      for (int l = 0; l < w; l++) {
+        T a = sorted[((m - 1) / 2) * L + l], b = sorted[(m / 2) * L + l];
+        out[(j0 + l) * n + i] = m % 2 ? a : (a + b) / 2;
+      }
+    }
+  }
+  free(line), free(pair), free(buf);
+  return 0;
+}
 #undef V
 #undef M
 #undef CX

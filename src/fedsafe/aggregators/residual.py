@@ -7,6 +7,7 @@ import math
 import numpy as np
 import torch
 
+from . import _native
 from ._ops import block_columns, column_slices, combine, map_blocks, median_lastdim
 from ._ops import median_of_sorted, numpy_kernels
 from .base import AggResult, Param, as_list, register, require
@@ -19,23 +20,43 @@ def _bounds(n: int, p: dict) -> None:
     require(p["thresh"] >= 0, rule, f"needs thresh >= 0 (got {p['thresh']})")
 
 
+def numpy_slope_medians(a: np.ndarray) -> np.ndarray:
+    """:func:`slope_medians` in numpy, in place: one (c, n, n) buffer, sorted rows."""
+    n = a.shape[1]
+    pos = np.arange(n, dtype=a.dtype)
+    dx = pos[:, None] - pos[None, :]
+    np.fill_diagonal(dx, 1)
+    slopes = a[:, :, None] - a[:, None, :]
+    slopes /= dx
+    slopes.reshape(len(a), n * n)[:, :: n + 1] = np.inf  # self-slope sorts last, count skips it
+    slopes.sort(axis=-1)
+    return np.array(median_of_sorted(slopes, n - 1))
+
+
 def slope_medians(s: torch.Tensor) -> torch.Tensor:
     """``med_{j != i} (s_i - s_j) / (i - j)`` for every row ``i`` of ``s`` (c, n): (c, n).
 
-    The ``O(n^2)`` core of the rule. On CPU it runs in numpy, in place (one (c, n, n) buffer,
-    sorted rows rather than ``kthvalue``); the divisions are the same IEEE operations either way.
+    The ``O(n^2)`` core of the rule. On CPU the compiled kernel of ``_select.c`` runs it (the
+    same divisions, then the median of each row's ``n - 1`` slopes by a sorting network over 8
+    rows of ``s`` at once), else numpy (:func:`numpy_slope_medians`); the results are equal.
     """
     n = s.shape[1]
+    if numpy_kernels(s):
+        a = np.ascontiguousarray(s.detach().numpy())
+        kernel, net = _native.slope_kernel(a.dtype, n)
+        if kernel is None:
+            return torch.from_numpy(numpy_slope_medians(a))
+        out = np.empty_like(a)
+        if kernel(a.ctypes.data, len(a), n, net.ctypes.data, len(net), out.ctypes.data):
+            raise MemoryError("residual: out of memory for the slope kernel's buffers")
+        # The network orders NaN and infinities differently from a sort: numpy redoes such rows.
+        odd = np.flatnonzero(~np.isfinite(a).all(axis=1))
+        if odd.size:
+            out[odd] = numpy_slope_medians(a[odd])
+        return torch.from_numpy(out)
     pos = torch.arange(n, dtype=s.dtype)
     dx = pos[:, None] - pos[None, :]
     dx.fill_diagonal_(1)
-    if numpy_kernels(s):
-        a = s.detach().numpy()
-        slopes = a[:, :, None] - a[:, None, :]
-        slopes /= dx.numpy()
-        slopes.reshape(len(a), n * n)[:, :: n + 1] = np.inf  # self-slope sorts last, count skips it
-        slopes.sort(axis=-1)
-        return torch.from_numpy(np.array(median_of_sorted(slopes, n - 1)))
     slopes = (s[:, :, None] - s[:, None, :]) / dx.to(s.device)
     slopes.diagonal(dim1=1, dim2=2).fill_(float("inf"))
     return median_lastdim(slopes, count=n - 1)
