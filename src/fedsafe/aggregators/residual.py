@@ -9,7 +9,7 @@ import torch
 
 from . import _native
 from ._ops import block_columns, column_slices, combine, map_blocks, median_lastdim
-from ._ops import median_of_sorted, numpy_kernels
+from ._ops import median_of_sorted, numpy_kernels, one_thread
 from .base import AggResult, Param, as_list, register, require
 
 
@@ -156,8 +156,15 @@ def residual(x, w, *, state=None, chunk=None, lam=2.0, thresh=0.05) -> AggResult
                 fixes.append((where[:, 1], where[:, 0] + start, delta[replace]))
         return confidence, replaced, fixes
 
-    # CPU spans run on all cores (the numpy sorts release the GIL); GPU ones in order.
-    parts = map_blocks(d, width * 64, work, threads=None if numpy_kernels(x) else 1)
+    # CPU spans run on all cores (numpy and the compiled slopes release the GIL); GPU ones in
+    # order. Each span's small torch ops run on one thread: joining torch's own threads for every
+    # op on a (104, n) block, beside the spans' threads, made the rule 2x slower on 2 busy cores.
+    if numpy_kernels(x):
+        threads = torch.get_num_threads()
+        with one_thread():
+            parts = map_blocks(d, width * 64, work, threads=threads)
+    else:
+        parts = map_blocks(d, width * 64, work, threads=1)
     confidence = sum(p[0] for p in parts)
     replaced = sum(p[1] for p in parts)
     fixes = [fix for p in parts for fix in p[2]]

@@ -1,0 +1,140 @@
+"""Coordinate-wise rules on CPU: the compiled kernel against the numpy one and one pass.
+
+Not a test. Targets (issue 19, item 3), at n = 100 clients and d = 16.8M: median, median_paper,
+trimmed_mean, trimmed_mean_paper and Bulyan's coordinate-wise stage within 4x of one pass over
+the data (the faster of ``x.sum(0)`` and ``ones(n) @ x``, as in ``bench_aggregators.py``);
+residual within 30x. Each rule is timed with the compiled kernel (``_select.c``) and with the
+numpy kernel it replaces, in the same process against the same baseline, so the ratios stay
+comparable on a machine shared with other work; the 1-minute load average is printed with each.
+
+Bulyan's stage is timed alone (its Krum selection is a Gram-matrix cost, measured by
+``bench_aggregators.py``): the first ``theta = n - 2f`` rows, f = 20% of n as there.
+Residual does O(n^2) work per coordinate, so it is timed on the first ``--residual-d``
+columns and scaled by d (per-coordinate work is independent).
+
+Usage::
+
+    PYTHONPATH=src python benchmarks/bench_coordinatewise.py                 # n=100, d=16.8M
+    PYTHONPATH=src python benchmarks/bench_coordinatewise.py --d 2097152     # quicker
+    PYTHONPATH=src python benchmarks/bench_coordinatewise.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+
+import torch
+
+from bench_aggregators import D_LORA, assumed_attackers, make_updates, timed
+from fedsafe.aggregators import REGISTRY, _native
+from fedsafe.aggregators.coordinatewise import NearMedian, coordinatewise
+from fedsafe.aggregators.krum import bulyan_block
+
+TARGETS = {"residual": 30.0}
+DEFAULT_TARGET = 4.0
+RULES = ["median", "median_paper", "trimmed_mean", "trimmed_mean_paper", "bulyan_stage", "residual"]
+
+
+@contextlib.contextmanager
+def numpy_kernels_only() -> Iterator[None]:
+    """Run the rules as before the compiled kernel: numpy sorts (same results, tested)."""
+    saved = _native.kernel, _native.slope_kernel
+    _native.kernel = lambda *a: None
+    _native.slope_kernel = lambda *a: (None, None)
+    try:
+        yield
+    finally:
+        _native.kernel, _native.slope_kernel = saved
+
+
+def rule_call(name: str, x: torch.Tensor) -> Callable[[], object]:
+    n = x.shape[0]
+    if name == "bulyan_stage":
+        f = assumed_attackers("bulyan", n)
+        theta = n - 2 * f
+        rows = torch.arange(theta)
+        window = (NearMedian(f), theta - 2 * f)
+        return lambda: coordinatewise(x, None, lambda blk: bulyan_block(blk, f), window, rows=rows)
+    params = {"client_ids": list(range(n)), "round": 1}
+    return lambda: REGISTRY[name](x, None, state=None, **params)
+
+
+def measure(name: str, x: torch.Tensor, residual_d: int, repeat: int) -> dict:
+    d = x.shape[1]
+    sub = x[:, :residual_d] if name == "residual" and residual_d < d else x
+    row: dict = {"rule": name, "timed_d": sub.shape[1]}
+    for kind in ("compiled", "numpy"):
+        with contextlib.nullcontext() if kind == "compiled" else numpy_kernels_only():
+            seconds = timed(rule_call(name, sub), x.device, repeat, warmup=False)
+        row[kind] = seconds * d / sub.shape[1]
+        row[f"load_{kind}"] = os.getloadavg()[0]
+    return row
+
+
+def render(result: dict) -> list[str]:
+    m, base = result["meta"], result["pass_seconds"]
+    lines = [
+        f"n = {m['n']}, d = {m['d']:,}, fp32, {m['threads']} threads; one pass = {base:.3f} s "
+        f"(faster of `x.sum(0)` and `ones(n) @ x`). Each time is the best of {m['repeat']} runs "
+        "(1 if over 10 s); the load is the 1-min load average right after the row's run "
+        f"({m['cpus']} CPUs; this benchmark adds up to {m['threads']}).",
+        "",
+        "| rule | compiled s | ratio | numpy kernel s | ratio | target | met? | load |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        target = TARGETS.get(r["rule"], DEFAULT_TARGET)
+        ratio, old = r["compiled"] / base, r["numpy"] / base
+        scaled = f" (timed on d = {r['timed_d']:,}, scaled)" if r["timed_d"] < m["d"] else ""
+        lines.append(
+            f"| {r['rule']}{scaled} | {r['compiled']:.3f} | {ratio:.1f} | {r['numpy']:.3f} | {old:.1f} "
+            f"| {target:.0f}x | {'yes' if ratio <= target else '**no**'} "
+            f"| {r['load_compiled']:.1f} / {r['load_numpy']:.1f} |"
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=100, help="clients (default 100)")
+    ap.add_argument("--d", type=int, default=D_LORA, help="coordinates (default 16,777,216)")
+    ap.add_argument("--residual-d", type=int, default=262_144, help="columns residual is timed on")
+    ap.add_argument("--rules", default=",".join(RULES), help=f"subset of {','.join(RULES)}")
+    ap.add_argument("--repeat", type=int, default=2, help="runs per timing, best kept")
+    ap.add_argument("--json", metavar="OUT", help="also write the results as JSON")
+    args = ap.parse_args(argv)
+    rules = args.rules.split(",")
+    if any(r not in RULES for r in rules) or args.n < 7 or args.d < 1:
+        ap.error(f"rules must be among {RULES}; n >= 7 (Bulyan's stage) and d >= 1")
+    if _native.kernel("float32", args.n, (0, args.n - 1)) is None:
+        ap.error("no compiled kernel (no C compiler, or FEDSAFE_NATIVE=0): nothing to compare")
+
+    x = make_updates(args.n, args.d, torch.device("cpu"))
+    ones = torch.ones(args.n)
+    base = min(timed(lambda: x.sum(dim=0), x.device, args.repeat, False),
+               timed(lambda: ones @ x, x.device, args.repeat, False))  # fmt: skip
+    meta = {"n": args.n, "d": args.d, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "repeat": args.repeat, "loadavg_start": os.getloadavg()[0]}  # fmt: skip
+    print(f"pass {base:.3f} s, load {meta['loadavg_start']:.1f}", flush=True)
+    rows = []
+    for name in rules:
+        rows.append(measure(name, x, args.residual_d, args.repeat))
+        r = rows[-1]
+        print(f"{name:<20} compiled {r['compiled']:9.3f} s ({r['compiled'] / base:6.1f}x)  numpy "
+              f"{r['numpy']:9.3f} s ({r['numpy'] / base:6.1f}x)  load {r['load_numpy']:.1f}", flush=True)  # fmt: skip
+    meta["loadavg_end"] = os.getloadavg()[0]
+    result = {"meta": meta, "pass_seconds": base, "rows": rows}
+    print("\n".join(render(result)))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
