@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     rules = args.rules.split(",")
     if any(r not in RULES for r in rules) or args.n < 7 or args.d < 1:
         ap.error(f"rules must be among {RULES}; n >= 7 (Bulyan's stage) and d >= 1")
-    if _native.kernel("float32", args.n, (0, args.n - 1)) is None:
+    if _native.kernel("float32", args.n, tuple(range(args.n))) is None:
         ap.error("no compiled kernel (no C compiler, or FEDSAFE_NATIVE=0): nothing to compare")
 
     x = make_updates(args.n, args.d, torch.device("cpu"))

@@ -21,7 +21,7 @@ RULES = ["median", "median_paper", "trimmed_mean", "trimmed_mean_paper", "bulyan
 
 
 def compiled() -> bool:
-    return _native.kernel(np.float32, 3, (0, 2)) is not None
+    return _native.kernel(np.float32, 3, (0, 1, 2)) is not None
 
 
 needs_compiler = pytest.mark.skipif(not compiled(), reason="no C compiler: the numpy kernel is used")
@@ -141,12 +141,14 @@ def test_network_sorts_the_positions_it_keeps(n):
         inputs = np.array(list(itertools.product([0, 1], repeat=n)))
     else:
         inputs = rng.integers(0, 4, (300, n))
-    for keep in {(0, n - 1), (max(n // 2 - 2, 0), min(n // 2 + 1, n - 1)), (min(2, n - 1), n - 1)}:
+    middle = (n - 1) // 2
+    trims = {p for p in (0, 1, 2, n - 3, n - 2, n - 1) if 0 <= p < n}
+    for keep in {tuple(range(n)), tuple(sorted({max(middle - 1, 0), middle, min(middle + 1, n - 1)})), tuple(sorted(trims))}:
         lines = inputs.T.copy()  # (n, trials): each comparator acts on all trials at once
         for a, b in _native.network(n, keep):
             lines[a], lines[b] = np.minimum(lines[a], lines[b]), np.maximum(lines[a], lines[b])
         want = np.sort(inputs, axis=1).T
-        np.testing.assert_array_equal(lines[keep[0] : keep[1] + 1], want[keep[0] : keep[1] + 1])
+        np.testing.assert_array_equal(lines[list(keep)], want[list(keep)])
 
 
 def test_without_a_compiler_the_numpy_kernel_serves(monkeypatch, tmp_path, caplog):
@@ -155,14 +157,14 @@ def test_without_a_compiler_the_numpy_kernel_serves(monkeypatch, tmp_path, caplo
     _native._library.cache_clear()
     try:
         with caplog.at_level(logging.WARNING):
-            assert _native.kernel(np.float32, 5, (1, 3)) is None
+            assert _native.kernel(np.float32, 5, (1, 2, 3)) is None
         assert "using numpy" in caplog.text
         x = tied(5, 50, seed=2)
         expected = torch.from_numpy(np.median(x.numpy(), axis=0))
         torch.testing.assert_close(call("median", x).aggregate, expected)
         monkeypatch.setenv("FEDSAFE_NATIVE", "0")
         _native._library.cache_clear()
-        assert _native.kernel(np.float32, 5, (1, 3)) is None
+        assert _native.kernel(np.float32, 5, (1, 2, 3)) is None
     finally:
         _native._library.cache_clear()  # later tests build (or find) the real kernels again
 

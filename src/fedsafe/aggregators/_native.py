@@ -97,7 +97,7 @@ def _straight_line(n: int, pairs: np.ndarray) -> str:
 
 
 @functools.cache
-def _library(n: int, keep: tuple[int, int]) -> ctypes.CDLL | None:
+def _library(n: int, keep: tuple[int, ...]) -> ctypes.CDLL | None:
     if os.environ.get("FEDSAFE_NATIVE", "1") == "0":
         return None
     try:
@@ -110,9 +110,9 @@ def _library(n: int, keep: tuple[int, int]) -> ctypes.CDLL | None:
         return None
 
 
-def kernel(dtype: np.dtype, n: int, keep: tuple[int, int]):
-    """The compiled ``fs_window`` for ``n`` float32/float64 rows whose sorted positions
-    ``keep = (lo, hi)`` are read, or None (then numpy does the work)."""
+def kernel(dtype: np.dtype, n: int, keep: tuple[int, ...]):
+    """The compiled ``fs_window`` for ``n`` float32/float64 rows whose sorted positions ``keep``
+    are read, or None (then numpy does the work)."""
     if np.dtype(dtype) not in (np.float32, np.float64):
         return None
     lib = _library(n, keep)
@@ -126,7 +126,7 @@ def slope_kernel(dtype: np.dtype, n: int):
     with the network it needs (for the ``n - 1`` other points, middle kept), or (None, None)."""
     if np.dtype(dtype) not in (np.float32, np.float64) or n < 2:
         return None, None
-    keep = ((n - 2) // 2, (n - 1) // 2)
+    keep = tuple(sorted({(n - 2) // 2, (n - 1) // 2}))  # the middle of n - 1 slopes
     lib = _library(n - 1, keep)
     if lib is None:
         return None, None
@@ -161,12 +161,14 @@ def _batcher_pairs(p: int) -> list[tuple[int, int]]:
 
 
 @functools.cache
-def network(n: int, keep: tuple[int, int]) -> np.ndarray:
-    """A sorting network for ``n`` values, as an int32 array of pairs (min line, max line).
+def network(n: int, keep: tuple[int, ...]) -> np.ndarray:
+    """A network placing the sorted positions ``keep`` of ``n`` values, as int32 pairs (min line,
+    max line): Batcher's sorting network less the comparators those positions do not depend on.
 
     Built on the next power of two with the extra lines fixed at +inf: a comparator with a +inf
     line has a known result, so it is dropped (its lines relabelled) rather than run. Then
-    comparators that cannot reach the sorted positions ``keep = [lo, hi]`` are dropped too.
+    comparators that cannot reach a kept position are dropped too (a median needs 911 of the 1,104
+    comparators at n = 100; a trimmed mean's four run ends 900).
     """
     p = 1 << max(0, (n - 1).bit_length())
     real = list(range(n)) + [-1] * (p - n)  # line -> real slot, -1 for a +inf
@@ -178,7 +180,7 @@ def network(n: int, keep: tuple[int, int]) -> np.ndarray:
             real[a], real[b] = real[b], real[a]
     # Line k < n now holds the k-th smallest, in slot real[k]; the +inf stayed on top.
     slot_of_pos = real[:n]
-    live = {slot_of_pos[k] for k in range(keep[0], keep[1] + 1)}
+    live = {slot_of_pos[k] for k in keep}
     kept = []
     for a, b in reversed(pairs):
         if a in live or b in live:

@@ -150,24 +150,26 @@ int NAME(const T *x, int64_t ld, const int64_t *rows, int64_t n, int64_t c, cons
         values[j0 + l] = size == 1 ? a : (a + b) / 2; /* (a + b) / 2 as numpy and torch do */
       }
     }
-    if (size > 2) { /* longer runs: the mean, summed in double across the lanes at once */
-      double sum[L];
-      for (int l = 0; l < L; l++) sum[l] = 0;
-      if (bulyan_f < 0) /* one run for all lanes */
-        for (int64_t i = start; i < start + size; i++)
-          for (int l = 0; l < L; l++) sum[l] += (double)sorted[i * L + l];
-      else /* per-lane runs (a masked sum over all n gave wrong double sums once GCC 12 vectorised it) */
-        for (int64_t k = 0; k < size; k++)
-          for (int l = 0; l < L; l++) sum[l] += (double)sorted[(first[l] + k) * L + l];
-      for (int l = 0; l < w; l++) values[j0 + l] = (T)(sum[l] / (double)size);
-    }
+    /* Count the rows in each run, and for longer runs sum them (in double): a clear column's
+       run is exactly its values in [lo, hi], so the network only has to place the run's ends
+       (see network() in _native.py); unclear columns (lo = NaN here) are redone anyway. */
+    double sum[4][L]; /* 4 partial sums per lane: adds that do not wait on each other */
+    memset(sum, 0, sizeof(sum));
     for (int64_t i = 0; i < n; i++) {
+      _Alignas(64) T kept[L];
       for (int h = 0; h < NV; h++) {
         V v, a = ((V *)lo)[h], b = ((V *)hi)[h];
         memcpy(&v, LINE(i) + h * VL, VBYTES);
-        acc[i * NV + h] += size == 1 ? (M)(v == a) : (M)((a <= v) & (v <= b));
+        M in = size == 1 ? (M)(v == a) : (M)((a <= v) & (v <= b));
+        acc[i * NV + h] += in;
+        ((V *)kept)[h] = (V)((M)v & in); /* the value where it is in the run, else +0 */
       }
+      if (size > 2)
+        for (int l = 0; l < L; l++) sum[i & 3][l] += (double)kept[l];
     }
+    if (size > 2)
+      for (int l = 0; l < w; l++)
+        values[j0 + l] = (T)(((sum[0][l] + sum[1][l]) + (sum[2][l] + sum[3][l])) / (double)size);
 #undef LINE
   }
   }

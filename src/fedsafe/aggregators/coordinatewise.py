@@ -61,11 +61,13 @@ def redo_unclear(xb: np.ndarray, unclear: np.ndarray, values: np.ndarray, block_
     return u.numpy()
 
 
-def sorted_positions_read(n: int, start: Start, size: int) -> tuple[int, int]:
-    """The sorted positions a run needs: its own and the neighbours its tie check reads."""
+def sorted_positions_read(n: int, start: Start, size: int) -> tuple[int, ...]:
+    """The sorted positions the compiled kernel reads: a run's two ends and their outer
+    neighbours (tie check); all of them for Bulyan, whose run start depends on the values."""
     if isinstance(start, NearMedian):
-        return (0, n - 1)
-    return (max(start - 1, 0), min(start + size, n - 1))
+        return tuple(range(n))
+    ends = {start - 1, start, start + size - 1, start + size}
+    return tuple(sorted(p for p in ends if 0 <= p < n))
 
 
 def native_window(xn: np.ndarray, rows: np.ndarray, cols: slice, start: Start, size: int,
