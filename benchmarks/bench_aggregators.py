@@ -67,17 +67,19 @@ SUPPLIED = {"client_ids", "round", "root_update"}
 # Why a rule can miss the target on a CPU (measured; see the rules' docstrings).
 WHY_SLOW = {
     "selection": (
-        "exact per-coordinate selection: a transposing copy plus a sort of n values per "
-        "coordinate (numpy's vectorised sort on all cores) is several passes' worth of CPU work. "
-        "Measured per 10^6 values at n = 100 on one core of this AVX2 CPU: transpose 1.2 ms + sort 2.5 ms "
-        "vs ~0.2 ms for a pass, so no sort-based exact kernel gets near 3-4x here; np.partition (~14 ms) "
-        "and torch.kthvalue (~22 ms) are slower still (numpy's SIMD selection needs AVX-512). It would need "
-        "a GPU sort (torch.sort on CUDA), a compiled selection kernel or an approximate (e.g. histogram) median"
+        "exact per-coordinate selection. Since 2026-11-30 a compiled SIMD sorting network "
+        "(`_select.c`, 8 coordinates per AVX2 instruction) does it: at n = 100 on one core of this "
+        "CPU ~0.55 ns per value for the network, ~0.3 for reading the data and ~0.2 for counting, "
+        "vs ~0.2 for a pass, so about 4-5 passes' worth on 2 cores shared with other work (see "
+        "`bench_coordinatewise.py`; the numpy sort it replaced, still used without a C compiler, was "
+        "9-45x). Fewer would need a smaller network, a GPU sort or an approximate median"
     ),
     "residual": (
-        "O(n^2) work per coordinate (repeated-median slopes, n - 1 per client), ~n times the "
-        "data; no constant-factor change reaches 3x (an O(n log n) repeated median, e.g. Matousek-Mount-"
-        "Netanyahu's randomized one, is not implemented)"
+        "O(n^2) work per coordinate: n(n-1)/2 divisions and n medians of n - 1 slopes (compiled "
+        "sorting networks since 2026-11-30: ~6.5 us per coordinate at n = 100 on one core, 7x the "
+        "numpy sort) plus the O(n log n) rest in torch (~9 us). 30x a pass leaves ~1 us per "
+        "coordinate per core, less than the divisions alone: it needs an O(n log n) repeated "
+        "median (e.g. Matousek-Mount-Netanyahu's randomized one), not implemented"
     ),
     "two_pass": (
         "two dependent passes over the data (per-client norms, dots or distances, then the "
@@ -274,6 +276,8 @@ def render(result: dict) -> list[str]:
         for r in s["rows"]:
             sub = r.get("extrapolated_from_d")
             note = f" (timed on d = {sub:,}, scaled)" if sub else ""
+            if r.get("remeasured"):  # a row replaced by a later run of some rules (its own baseline)
+                note += f" (re-measured {r['remeasured']})"
             lines.append(
                 f"| {r['rule']} | {r['kind']} | {r['seconds']:.3f}{note} "
                 f"| {r['baseline_seconds']:.3f} | {r['ratio']:.1f} "

@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 
 import torch
@@ -128,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<20} compiled {r['compiled']:9.3f} s ({r['compiled'] / base:6.1f}x)  numpy "
               f"{r['numpy']:9.3f} s ({r['numpy'] / base:6.1f}x)  load {r['load_numpy']:.1f}", flush=True)  # fmt: skip
     meta["loadavg_end"] = os.getloadavg()[0]
-    result = {"meta": meta, "pass_seconds": base, "rows": rows}
+    # "machine" (with the date) is what run_all.py --merge records for the section.
+    result = {"meta": meta, "pass_seconds": base, "rows": rows, "machine": {"date": time.strftime("%Y-%m-%d %H:%M")}}
     print("\n".join(render(result)))
     if args.json:
         with open(args.json, "w") as fh:

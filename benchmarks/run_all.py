@@ -64,6 +64,7 @@ TITLES = {
     "prefix": "Frozen-prefix caching (LoRA on the top L layers)",
     "batched": "Batched clients (fl.batch_clients)",
     "aggregators": "Aggregation",
+    "coordinatewise": "Coordinate-wise rules: compiled kernel vs numpy, n = 100, d = 16.8M",
     "clients": "Scale in clients: K = 10, 100, 1,000 with m = 10 per round",
     "gpu": "GPU check (CUDA)",
 }
@@ -88,6 +89,7 @@ def main() -> None:
             "prefix": m + (["--repeats", "2"] if a.quick else []),
             "batched": m + (["--clients", "3", "--repeats", "1", "--threads", "1"] if a.quick else []),
             "aggregators": ["--quick"] if a.quick else [],
+            "coordinatewise": ["--d", "2097152", "--residual-d", "32768"] if a.quick else [],
             "clients": ["--clients", "10,100", "--rounds", "6"] if a.quick else [], "gpu": []}
     if a.merge:
         return _merge(a.merge)

@@ -73,3 +73,26 @@ def test_results_page_marks_the_gpu_section_not_measured_without_a_result():
     res = json.loads((BENCH / "results.json").read_text())
     res["benchmarks"].pop("gpu", None)
     assert "## GPU check (CUDA)\n\n`python benchmarks/gpu_check.py`\n\nNot measured: no GPU available." in run_all.render(res)
+
+
+def test_coordinatewise_bench_runs_small(tmp_path):
+    out = tmp_path / "c.json"
+    p = subprocess.run([sys.executable, str(BENCH / "bench_coordinatewise.py"), "--n", "9", "--d", "5000",
+                        "--residual-d", "700", "--repeat", "1", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    if p.returncode == 2 and "no compiled kernel" in p.stderr:
+        import pytest
+
+        pytest.skip("no C compiler here: the bench compares the compiled kernel with numpy")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert [r["rule"] for r in res["rows"]] == ["median", "median_paper", "trimmed_mean", "trimmed_mean_paper",
+                                                 "bulyan_stage", "residual"]
+    assert all(r["compiled"] > 0 and r["numpy"] > 0 for r in res["rows"]) and res["pass_seconds"] > 0
+    assert res["rows"][-1]["timed_d"] == 700
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_coordinatewise
+    finally:
+        sys.path.pop(0)
+    assert any(line.startswith("| residual (timed on d = 700, scaled) |") for line in bench_coordinatewise.render(res))
