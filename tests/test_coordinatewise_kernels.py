@@ -143,7 +143,11 @@ def test_network_sorts_the_positions_it_keeps(n):
         inputs = rng.integers(0, 4, (300, n))
     middle = (n - 1) // 2
     trims = {p for p in (0, 1, 2, n - 3, n - 2, n - 1) if 0 <= p < n}
-    for keep in {tuple(range(n)), tuple(sorted({max(middle - 1, 0), middle, min(middle + 1, n - 1)})), tuple(sorted(trims))}:
+    for keep in {
+        tuple(range(n)),
+        tuple(sorted({max(middle - 1, 0), middle, min(middle + 1, n - 1)})),
+        tuple(sorted(trims)),
+    }:
         lines = inputs.T.copy()  # (n, trials): each comparator acts on all trials at once
         for a, b in _native.network(n, keep):
             lines[a], lines[b] = np.minimum(lines[a], lines[b]), np.maximum(lines[a], lines[b])

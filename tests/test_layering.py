@@ -194,6 +194,9 @@ FORMATTED = [
     "tests/test_prefix_precompute.py",
     "tests/test_layering.py",
     "tests/test_merged_start.py",
+    "src/fedsafe/aggregators/_native.py",
+    "tests/test_coordinatewise_kernels.py",
+    "benchmarks/bench_coordinatewise.py",
 ]
 
 

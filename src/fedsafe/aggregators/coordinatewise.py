@@ -11,7 +11,6 @@ gives the same results several times faster: the compiled sorting network of ``_
 
 from __future__ import annotations
 
-import ctypes
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
