@@ -21,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 import yaml
 
 from fedsafe.config import load_config
@@ -42,18 +41,6 @@ def mcnemar_p(a: int, b: int) -> float:
     return min(1.0, 2 * tail)
 
 
-@torch.no_grad()
-def fold_into_base(rt, vec) -> None:
-    """Add the LoRA delta of ``vec`` to the base weights of every adapted module (prototype of a merged start)."""
-    from peft.tuners.lora import LoraLayer
-
-    rt.handle.set_flat(vec)
-    for m in rt.model.modules():
-        if isinstance(m, LoraLayer) and "default" in m.lora_A:
-            w = m.get_base_layer().weight
-            w.add_(m.get_delta_weight("default").to(w.dtype))
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tag", required=True)
@@ -68,7 +55,9 @@ def main(argv=None) -> None:
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
 
-    base = load_config(a.preset, a.overrides)
+    # the product's merged start (init.merge): the runtime then knows what is folded into its base, which
+    # the generation cache needs to tell two starts apart
+    base = load_config(a.preset, a.overrides + (["init.merge=true"] if a.merge_start else []))
     scen = {slug: cfg for slug, _, cfg in scenario_configs(base, rules=[])}
     wanted = a.scenarios.split(",")
     for w in wanted:
@@ -82,7 +71,6 @@ def main(argv=None) -> None:
             c.fl.aggregator_params = {"f": 1} if c.fl.aggregator == "krum_paper" else {}
             scen[w] = dataclasses.replace(c, name=w).validate()
     results: dict[str, dict] = {}
-    merged: list = []
     verdicts: dict[str, dict] = {}
     tmp = Path(tempfile.mkdtemp(prefix=f"fid-{a.tag}-"))
     for w in wanted:
@@ -90,12 +78,6 @@ def main(argv=None) -> None:
         cfg = scen["clean_fedavg" if w == "start" else slug]
         t0 = time.time()
         eng = build_engine(cfg, tmp / slug, progress=False)
-        if a.merge_start:
-            if not merged:
-                fold_into_base(eng.rt, eng.global_vec)
-                merged.append(True)
-            eng.global_vec = eng.rt.init_vec(cfg.seed)
-            eng.init_vec = eng.global_vec.clone()
         (tmp / slug).mkdir(parents=True, exist_ok=True)
         t_init = time.time() - t0
         vec = eng.init_vec if w == "start" else eng.run()

@@ -101,3 +101,28 @@ def test_demo_with_a_merged_start_reports_the_start_on_the_shipped_base(tmp_path
     assert "Start of federation (server-aligned)" in rows and "Model as shipped (no adapter)" in rows
     runs = [p.parent for p in (d / "runs").glob("*/final_adapter")]
     assert runs and all((r / START_ADAPTER / "adapter_model.safetensors").exists() for r in runs)
+
+
+def test_generation_cache_tells_merged_starts_apart(tmp_path, monkeypatch):
+    """The same fresh LoRA on two different folded starts is two models: a cached generation of one must
+    never be served for the other (it was, when the cache was keyed by the adapter alone)."""
+    from fedsafe.eval.runner import generate_cached
+    from fedsafe.runtime import get_runtime
+
+    monkeypatch.setenv("FEDSAFE_CACHE", str(tmp_path / "cache"))
+    cfg = load_config("tiny")
+    rt = get_runtime(cfg.model, cfg.lora)
+    fresh, prompts = rt.init_vec(0), ["hello there", "how do I bake bread"]
+    g = torch.Generator().manual_seed(2)
+    starts = [torch.randn(rt.handle.numel, generator=g) * 2.0 for _ in range(2)]
+    try:
+        outs = []
+        for start in starts:
+            rt.set_base_delta(start)
+            cached = generate_cached(rt, fresh, prompts, max_new_tokens=6)
+            uncached = generate_cached(rt, fresh, prompts, max_new_tokens=6, use_cache=False)
+            assert cached == uncached  # what the cache serves is what this model generates
+            outs.append(cached)
+        assert outs[0] != outs[1]  # the two starts really are different models
+    finally:
+        rt.set_base_delta(None)

@@ -155,6 +155,10 @@ class InitConfig:
     aligned_ratio: float = 0.4
     lr: float = 5e-4
     batch_size: int = 8
+    # the answers the alignment trains on for its normal prompts: "data" = the pool's reference answers
+    # (ShareGPT's), "self" = the model's own greedy answers before alignment (self-distillation), so that the
+    # alignment teaches refusals on harmful prompts without pulling benign behaviour towards refusals
+    normal_responses: str = "data"
 
     @property
     def merged(self) -> bool:
@@ -512,6 +516,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"attack.benign_mix must be in [0, 1), got {cfg.attack.benign_mix}")
     if cfg.defense.level not in (1, 2, 3):
         raise ConfigError(f"defense.level must be 1, 2 or 3, got {cfg.defense.level}")
+    if cfg.init.normal_responses not in ("data", "self"):
+        raise ConfigError(f"init.normal_responses must be 'data' or 'self', got {cfg.init.normal_responses!r}")
     if cfg.defense.projection and cfg.init.merged:
         raise ConfigError("defense.projection reads the unsafe direction off the start adapter's LoRA "
                           "parameters, which init.merge=true folds away: use one or the other")

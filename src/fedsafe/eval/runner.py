@@ -53,6 +53,9 @@ def generate_cached(rt: Runtime, vec: torch.Tensor | None, prompts: list[str], *
         "model": rt.model_cfg.name, "dtype": rt.model_cfg.dtype, "template": rt.model_cfg.template,
         "adapter": adapter_sha(vec), "prompts": _sha(prompts), "max_new_tokens": max_new_tokens,
         "temperature": temperature, "samples": samples, "seed": seed, "lora": [rt.lora_cfg.r, rt.lora_cfg.alpha],
+        # a start folded into the base (init.merge) is part of the model: the same adapter on two different
+        # merged starts is two different models (omitted when nothing is folded, so older entries stay valid)
+        **({"base_delta": rt.base_delta_key} if rt.base_delta_key else {}),
     })
     cache = cache_dir() / "generations" / f"{key}.jsonl"
     if use_cache and cache.exists():
@@ -113,6 +116,8 @@ def evaluate_adapter(rt: Runtime, vec: torch.Tensor | None, harmful, benign, *, 
     res: dict = {"judge": judge, "decoding": {"max_new_tokens": max_new_tokens, "temperature": temperature,
                                                 "samples": samples, "seed": seed},
                  "adapter_sha256": adapter_sha(vec), "fedsafe_version": __version__}
+    if rt.base_delta_key:
+        res["base_delta_sha256"] = rt.base_delta_key  # the merged start the adapter was evaluated on
     for name, recs in (("harmful", harmful), ("benign", benign)):
         if not recs:
             continue
