@@ -158,7 +158,7 @@ def test_network_sorts_the_positions_it_keeps(n):
 def test_without_a_compiler_the_numpy_kernel_serves(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("FEDSAFE_CACHE", str(tmp_path))  # no build cached there
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
-    _native._library.cache_clear()
+    _native._cached_library.cache_clear()
     try:
         with caplog.at_level(logging.WARNING):
             assert _native.kernel(np.float32, 5, (1, 2, 3)) is None
@@ -167,10 +167,10 @@ def test_without_a_compiler_the_numpy_kernel_serves(monkeypatch, tmp_path, caplo
         expected = torch.from_numpy(np.median(x.numpy(), axis=0))
         torch.testing.assert_close(call("median", x).aggregate, expected)
         monkeypatch.setenv("FEDSAFE_NATIVE", "0")
-        _native._library.cache_clear()
+        _native._cached_library.cache_clear()
         assert _native.kernel(np.float32, 5, (1, 2, 3)) is None
     finally:
-        _native._library.cache_clear()  # later tests build (or find) the real kernels again
+        _native._cached_library.cache_clear()  # later tests build (or find) the real kernels again
 
 
 @needs_compiler

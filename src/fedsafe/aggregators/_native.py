@@ -28,6 +28,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -96,8 +97,16 @@ def _straight_line(n: int, pairs: np.ndarray) -> str:
     return "\n".join(lines) + "\n"
 
 
-@functools.cache
+_BUILDING = threading.Lock()  # the first calls can come from several block threads at once
+
+
 def _library(n: int, keep: tuple[int, ...]) -> ctypes.CDLL | None:
+    with _BUILDING:
+        return _cached_library(n, keep)
+
+
+@functools.cache
+def _cached_library(n: int, keep: tuple[int, ...]) -> ctypes.CDLL | None:
     if os.environ.get("FEDSAFE_NATIVE", "1") == "0":
         return None
     try:
@@ -124,7 +133,9 @@ def kernel(dtype: np.dtype, n: int, keep: tuple[int, ...]):
 def slope_kernel(dtype: np.dtype, n: int):
     """The compiled repeated-median slopes for ``n`` sorted values per row (see residual.py),
     with the network it needs (for the ``n - 1`` other points, middle kept), or (None, None)."""
-    if np.dtype(dtype) not in (np.float32, np.float64) or n < 2:
+    # Above MAX_UNROLLED + 1 points the table-driven build would hold n^2 lines of 32 values
+    # (128 MB at n = 1,000); numpy's blocks stay small there.
+    if np.dtype(dtype) not in (np.float32, np.float64) or not 2 <= n <= MAX_UNROLLED + 1:
         return None, None
     keep = tuple(sorted({(n - 2) // 2, (n - 1) // 2}))  # the middle of n - 1 slopes
     lib = _library(n - 1, keep)
