@@ -30,6 +30,9 @@
 #define STAGE_BYTES (256 * 1024) /* a panel of rows that stays in L2 */
 #endif
 
+/* C11 wants sizes that are multiples of the alignment (glibc does not check; others return NULL). */
+#define ALLOC(bytes) aligned_alloc(64, ((size_t)(bytes) + 63) / 64 * 64)
+
 #define T float
 #define I int32_t
 #define NAME fs_window_f32
@@ -91,9 +94,9 @@ int NAME(const T *x, int64_t ld, const int64_t *rows, int64_t n, int64_t c, cons
   int64_t P = (int64_t)(STAGE_BYTES / sizeof(T)) / (n > 0 ? n : 1) / L * L;
   if (P < L) P = L;
   int64_t SP = P + L; /* staged row stride: not a multiple of 4 KiB */
-  T *stage = aligned_alloc(64, (size_t)n * SP * sizeof(T));
-  V *buf = aligned_alloc(64, (size_t)n * LINE_BYTES); /* being sorted */
-  M *acc = aligned_alloc(64, (size_t)n * LINE_BYTES); /* minus the use counts, per lane */
+  T *stage = ALLOC((size_t)n * SP * sizeof(T));
+  V *buf = ALLOC((size_t)n * LINE_BYTES); /* being sorted */
+  M *acc = ALLOC((size_t)n * LINE_BYTES); /* minus the use counts, per lane */
   if (!buf || !stage || !acc) {
     free(buf), free(stage), free(acc);
     return 1;
@@ -190,9 +193,9 @@ int CAT(NAME, _slopes)(const T *s, int64_t c, int64_t n, const int32_t *net, int
 #ifdef NETWORK
   if (m != NETWORK_N || NV != 1) return 2;
 #endif
-  T *line = aligned_alloc(64, (size_t)n * LINE_BYTES);      /* s, one line per position */
-  T *pair = aligned_alloc(64, (size_t)n * n * LINE_BYTES);  /* slope (i, j), i < j */
-  V *buf = aligned_alloc(64, (size_t)(m > 0 ? m : 1) * LINE_BYTES);
+  T *line = ALLOC((size_t)n * LINE_BYTES);      /* s, one line per position */
+  T *pair = ALLOC((size_t)n * n * LINE_BYTES);  /* slope (i, j), i < j */
+  V *buf = ALLOC((size_t)(m > 0 ? m : 1) * LINE_BYTES);
   if (!line || !pair || !buf) {
     free(line), free(pair), free(buf);
     return 1;
