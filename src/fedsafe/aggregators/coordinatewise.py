@@ -50,16 +50,6 @@ class NearMedian:
 Start = int | NearMedian
 
 
-def redo_unclear(xb: np.ndarray, unclear: np.ndarray, values: np.ndarray, block_fn: BlockFn) -> np.ndarray:
-    """Recompute the columns flagged ``unclear`` with the torch code; returns their use counts."""
-    redo = np.flatnonzero(unclear)
-    if not redo.size:
-        return np.zeros(xb.shape[0], dtype=np.int64)
-    v, u = block_fn(torch.from_numpy(np.ascontiguousarray(xb[:, redo])))
-    values[redo] = v.numpy()
-    return u.numpy()
-
-
 def sorted_positions_read(n: int, start: Start, size: int) -> tuple[int, ...]:
     """The sorted positions the compiled kernel reads: a run's two ends and their outer
     neighbours (tie check); all of them for Bulyan, whose run start depends on the values."""
@@ -87,9 +77,12 @@ def native_window(xn: np.ndarray, rows: np.ndarray, cols: slice, start: Start, s
     ptr = lambda a: a.ctypes.data  # noqa: E731
     base = xn[:, cols.start :]  # a view: its data pointer is column cols.start of row 0
     ld = xn.strides[0] // xn.itemsize
-    if kernel(ptr(base), ld, ptr(rows), n, c, ptr(net), len(net), first, size, bulyan_f,
-              ptr(out), ptr(unclear), ptr(counts)):
+    status = kernel(ptr(base), ld, ptr(rows), n, c, ptr(net), len(net), first, size, bulyan_f,
+                    ptr(out), ptr(unclear), ptr(counts))
+    if status == 1:
         raise MemoryError("coordinate-wise kernel: out of memory for its working buffers")
+    if status:
+        raise RuntimeError(f"coordinate-wise kernel: built for another n (status {status})")
     redo = np.flatnonzero(unclear)
     if redo.size:  # gather only those columns
         v, u = block_fn(torch.from_numpy(xn[np.ix_(rows, cols.start + redo)]))
@@ -138,7 +131,12 @@ def sorted_window(xb: np.ndarray, start: Start, size: int, block_fn: BlockFn):
     unclear |= (first + size < n) & ~(hi < at(first + size))
     lo = np.where(unclear, np.nan, lo)  # NaN equals nothing: unclear columns are counted below
     counts = count_rows(xb == lo if size == 1 else (xb >= lo) & (xb <= hi))
-    return values, counts + redo_unclear(xb, unclear, values, block_fn)
+    redo = np.flatnonzero(unclear)
+    if redo.size:
+        v, u = block_fn(torch.from_numpy(xb[:, redo]))
+        values[redo] = v.numpy()
+        counts += u.numpy()
+    return values, counts
 
 
 def coordinatewise(
