@@ -7,6 +7,7 @@ odd and even n, and widths that are not multiples of the kernel's tiles, panels 
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import logging
 import math
@@ -199,3 +200,34 @@ def test_residual_rule_is_unchanged_by_the_compiled_slopes(monkeypatch):
     torch.testing.assert_close(fast.aggregate, slow.aggregate, rtol=0, atol=0)
     torch.testing.assert_close(fast.client_weights, slow.client_weights, rtol=0, atol=0)
     assert fast.info == slow.info
+
+
+def test_a_build_that_disagrees_with_numpy_is_not_used(monkeypatch, caplog):
+    """A miscompiled kernel (here: one that reports every column clear and writes zeros) is caught by
+    the once-per-build probe and the numpy kernel serves; the aggregate stays right."""
+
+    def wrong(base, ld, rows, n, c, net, nnet, first, size, bulyan_f, out, unclear, counts):
+        np.ctypeslib.as_array(ctypes.cast(out, ctypes.POINTER(ctypes.c_float)), (c,))[:] = 0.0
+        np.ctypeslib.as_array(ctypes.cast(unclear, ctypes.POINTER(ctypes.c_uint8)), (c,))[:] = 0
+        return 0
+
+    monkeypatch.setattr(_native, "kernel", lambda *a: wrong)
+    monkeypatch.setattr(coordinatewise, "_AGREES", {})
+    x = tied(7, 50, seed=5) + 1.0
+    with caplog.at_level(logging.WARNING):
+        got = call("median", x).aggregate
+    assert "disagrees" in caplog.text
+    torch.testing.assert_close(got, torch.from_numpy(np.median(x.numpy(), axis=0)))
+
+
+def test_a_slope_build_that_disagrees_with_numpy_is_not_used(monkeypatch, caplog):
+    def wrong(a, rows, n, net, nnet, out):
+        return 0  # leaves ``out`` as it was: garbage
+
+    monkeypatch.setattr(_native, "slope_kernel", lambda dtype, n: (wrong, np.zeros((1, 2), dtype=np.int32)))
+    monkeypatch.setattr(residual, "_AGREES", {})
+    s = torch.randn(9, 6, dtype=torch.float64).sort(dim=1).values
+    with caplog.at_level(logging.WARNING):
+        got = residual.slope_medians(s).numpy()
+    assert "disagrees" in caplog.text
+    np.testing.assert_array_equal(got, residual.numpy_slope_medians(s.numpy()))

@@ -91,6 +91,32 @@ def native_window(xn: np.ndarray, rows: np.ndarray, cols: slice, start: Start, s
     return counts
 
 
+_AGREES: dict[tuple, bool] = {}
+
+
+def native_agrees(dtype: np.dtype, n: int, start: Start, size: int, block_fn: BlockFn) -> bool:
+    """Whether this machine's build of the compiled kernel gives the numpy kernel's results on a
+    probe (tied integers and plain floats, a tile remainder), checked once per build and window.
+
+    The kernel is compiled here, by whatever C compiler the machine has, with ``-O3 -march=native``;
+    one build of an earlier version of it summed wrongly once vectorised. A build that disagrees is
+    not used (one warning), so a compiler's surprise costs speed, never a wrong aggregate."""
+    key = (np.dtype(dtype).str, n, start, size)
+    if key not in _AGREES:
+        rng = np.random.default_rng(n)
+        probe = np.concatenate([rng.integers(-2, 3, size=(n, 21)), rng.standard_normal((n, 16))], axis=1)
+        probe = np.ascontiguousarray(probe.astype(dtype))
+        want, want_counts = sorted_window(probe, start, size, block_fn)
+        got = np.empty(probe.shape[1], dtype=probe.dtype)
+        counts = native_window(probe, np.arange(n, dtype=np.int64), slice(0, probe.shape[1]), start, size, got, block_fn)
+        ok = bool(np.allclose(got, want, rtol=1e-5, atol=1e-6) and np.array_equal(counts, want_counts))
+        if not ok:
+            _native.log.warning("fedsafe: the compiled coordinate-wise kernel disagrees with numpy on this machine "
+                                "(n=%d); using numpy", n)
+        _AGREES[key] = ok
+    return _AGREES[key]
+
+
 def sorted_window(xb: np.ndarray, start: Start, size: int, block_fn: BlockFn):
     """CPU kernel: per column of ``xb`` (n, c), mean of sorted positions ``[start, start + size)``.
 
@@ -158,7 +184,8 @@ def coordinatewise(
     if window is not None and numpy_kernels(x):
         xn, on = x.detach().numpy(), out.numpy()
         keep = sorted_positions_read(n, *window)
-        if xn.strides[1] == xn.itemsize and _native.kernel(xn.dtype, n, keep) is not None:
+        if (xn.strides[1] == xn.itemsize and _native.kernel(xn.dtype, n, keep) is not None
+                and native_agrees(xn.dtype, n, *window, block_fn)):
             picked = np.arange(n) if rows is None else rows.cpu().numpy()
             picked = np.ascontiguousarray(picked, dtype=np.int64)
 

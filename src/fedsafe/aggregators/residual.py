@@ -33,6 +33,27 @@ def numpy_slope_medians(a: np.ndarray) -> np.ndarray:
     return np.array(median_of_sorted(slopes, n - 1))
 
 
+_AGREES: dict[tuple, bool] = {}
+
+
+def _slopes_agree(dtype, n: int, kernel, net) -> bool:
+    """Whether this machine's build of the slope kernel equals numpy on a probe (sorted rows with
+    ties and without), once per build: a compiler's surprise costs speed, never a wrong result."""
+    key = (np.dtype(dtype).str, n)
+    if key not in _AGREES:
+        rng = np.random.default_rng(n)
+        probe = np.concatenate([rng.integers(-2, 3, size=(11, n)), rng.standard_normal((10, n))]).astype(dtype)
+        probe = np.ascontiguousarray(np.sort(probe, axis=1))
+        got = np.empty_like(probe)
+        ok = (not kernel(probe.ctypes.data, len(probe), n, net.ctypes.data, len(net), got.ctypes.data)
+              and np.array_equal(got, numpy_slope_medians(probe)))
+        if not ok:
+            _native.log.warning("fedsafe: the compiled slope kernel disagrees with numpy on this machine (n=%d); "
+                                "using numpy", n)
+        _AGREES[key] = bool(ok)
+    return _AGREES[key]
+
+
 def slope_medians(s: torch.Tensor) -> torch.Tensor:
     """``med_{j != i} (s_i - s_j) / (i - j)`` for every row ``i`` of ``s`` (c, n): (c, n).
 
@@ -44,7 +65,7 @@ def slope_medians(s: torch.Tensor) -> torch.Tensor:
     if numpy_kernels(s):
         a = np.ascontiguousarray(s.detach().numpy())
         kernel, net = _native.slope_kernel(a.dtype, n)
-        if kernel is None:
+        if kernel is None or not _slopes_agree(a.dtype, n, kernel, net):
             return torch.from_numpy(numpy_slope_medians(a))
         out = np.empty_like(a)
         if kernel(a.ctypes.data, len(a), n, net.ctypes.data, len(net), out.ctypes.data):
