@@ -274,7 +274,7 @@ def demo_cmd(
                                "(numbers too noisy to read)."),
     full: bool = typer.Option(False, "--full", help="3 seeds for clean/attacked FedAvg, the dose-response (0-3 "
                               "malicious clients per round), the paper's six robust rules and the forensic pass "
-                              "(about 90 min on 2 CPU cores)."),
+                              "(14 federations: several hours on 2 CPU cores; rerun with the same --out to resume)."),
     forensics: Optional[bool] = typer.Option(None, "--forensics/--no-forensics", help="Train every client once "
                                              "from the attacked adapter for the full cosine matrix (on with --full)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Demo directory (an existing one is resumed)."),
