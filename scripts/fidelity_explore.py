@@ -26,7 +26,7 @@ import yaml
 from fedsafe.config import load_config
 from fedsafe.demo import scenario_configs
 from fedsafe.eval.runner import evaluate_adapter
-from fedsafe.pipeline import build_engine
+from fedsafe.pipeline import build_engine, shared_start
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,9 @@ def main(argv=None) -> None:
     # the product's merged start (init.merge): the runtime then knows what is folded into its base, which
     # the generation cache needs to tell two starts apart
     base = load_config(a.preset, a.overrides + (["init.merge=true"] if a.merge_start else []))
-    scen = {slug: cfg for slug, _, cfg in scenario_configs(base, rules=[])}
+    tmp = Path(tempfile.mkdtemp(prefix=f"fid-{a.tag}-"))
+    start = shared_start(base, tmp / "start", progress=False)  # clean and attacked runs share one start
+    scen = {slug: cfg for slug, _, cfg in scenario_configs(base, rules=[], start=start)}
     wanted = a.scenarios.split(",")
     for w in wanted:
         if w.startswith("dose"):  # attacked FedAvg with exactly k malicious clients in every round
@@ -72,7 +74,6 @@ def main(argv=None) -> None:
             scen[w] = dataclasses.replace(c, name=w).validate()
     results: dict[str, dict] = {}
     verdicts: dict[str, dict] = {}
-    tmp = Path(tempfile.mkdtemp(prefix=f"fid-{a.tag}-"))
     for w in wanted:
         slug = {"clean": "clean_fedavg", "attack": "attack_fedavg"}.get(w, w)
         cfg = scen["clean_fedavg" if w == "start" else slug]

@@ -101,6 +101,10 @@ def test_demo_with_a_merged_start_reports_the_start_on_the_shipped_base(tmp_path
     assert "Start of federation (server-aligned)" in rows and "Model as shipped (no adapter)" in rows
     runs = [p.parent for p in (d / "runs").glob("*/final_adapter")]
     assert runs and all((r / START_ADAPTER / "adapter_model.safetensors").exists() for r in runs)
+    # one start for every scenario: the clean run's benign-only federation leaves other held-out records,
+    # from which it used to align a start of its own
+    starts = {r.name: (r / START_ADAPTER / "adapter_model.safetensors").read_bytes() for r in runs}
+    assert "clean_fedavg" in starts and len(set(starts.values())) == 1, sorted(starts)
 
 
 def test_generation_cache_tells_merged_starts_apart(tmp_path, monkeypatch):

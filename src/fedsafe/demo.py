@@ -24,7 +24,7 @@ from .config import RunConfig, dump_yaml, load_config
 from .forensic_pass import FILE
 from .forensic_pass import forensic_pass as run_forensic_pass
 from .io import atomic_write_json, atomic_write_text
-from .pipeline import build_engine, defend, evaluate_run, run_or_resume
+from .pipeline import build_engine, defend, evaluate_run, run_or_resume, shared_start
 from .report.render import render
 
 console = Console(stderr=True)
@@ -58,10 +58,15 @@ TIERS = {
 }
 
 
-def scenario_configs(base: RunConfig, rules=ROBUST) -> list[tuple[str, str, RunConfig]]:
-    """(slug, label, config) for every training scenario."""
+def scenario_configs(base: RunConfig, rules=ROBUST, start: str | None = None) -> list[tuple[str, str, RunConfig]]:
+    """(slug, label, config) for every training scenario. ``start`` (see :func:`~fedsafe.pipeline.shared_start`):
+    the clean run's ``init.adapter``, so that it federates from the attacked runs' start, not from one aligned
+    on the other held-out records its benign-only federation leaves (the attacked configurations draw the
+    same records themselves, and keep them out of their defense pools)."""
     out = []
     clean = copy.deepcopy(base)
+    if start is not None:
+        clean.init.adapter = start
     benign = next(g for g in clean.data.groups if not g.malicious)
     for g in clean.data.groups:
         if g.malicious:
@@ -80,11 +85,11 @@ def scenario_configs(base: RunConfig, rules=ROBUST) -> list[tuple[str, str, RunC
     return out
 
 
-def _reference_rows(base: RunConfig, runs: Path, progress: bool) -> list[Path]:
+def _reference_rows(base: RunConfig, runs: Path, progress: bool, start: str | None = None) -> list[Path]:
     """Rows for the model before federation: as shipped, and (with init.adapter=align) after the server's
-    safety alignment, evaluated on the same held-out sets."""
+    safety alignment (``start``, shared by every scenario), evaluated on the same held-out sets."""
     out = []
-    clean = scenario_configs(base)[0][2]
+    clean = scenario_configs(base, start=start)[0][2]
     eng = None
     rows = [("shipped_model", "Model as shipped (no adapter)", None)]
     if base.init.adapter:
@@ -144,14 +149,16 @@ def run_demo(preset: str = "demo", overrides: list[str] | None = None, out_dir: 
     timings: dict[str, float] = {}
     run_dirs: list[Path] = []
     t0 = time.time()
-    run_dirs += _reference_rows(base, root / "runs", progress)
+    start = shared_start(base, root / "start", progress=progress)  # one start for every scenario of this seed
+    run_dirs += _reference_rows(base, root / "runs", progress, start)
     timings["reference_rows"] = round(time.time() - t0, 1)
-    scenarios = [(slug, label, cfg) for slug, label, cfg in scenario_configs(base, list(tier.rules))]
+    scenarios = [(slug, label, cfg) for slug, label, cfg in scenario_configs(base, list(tier.rules), start)]
     scenarios += dose_configs(base, tier.doses)
     for off in tier.seeds[1:]:  # the same clean / attacked pair on other seeds; same label -> mean ± sd rows
-        seed = base.seed + off
-        for slug, label, cfg in scenario_configs(dataclasses.replace(base, seed=seed), rules=[]):
-            scenarios.append((f"{slug}_seed{seed}", label, cfg))
+        seeded = dataclasses.replace(base, seed=base.seed + off)
+        start = shared_start(seeded, root / f"start_seed{seeded.seed}", progress=progress)
+        for slug, label, cfg in scenario_configs(seeded, rules=[], start=start):
+            scenarios.append((f"{slug}_seed{seeded.seed}", label, cfg))
     for slug, label, cfg in scenarios:
         d = root / "runs" / slug
         t0 = time.time()

@@ -20,6 +20,7 @@ Every function writes the run-directory layout of :mod:`fedsafe.rundir`.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,26 @@ class Finished:
     results: dict | None = None
     defense_dir: Path | None = None
     defense_results: dict | None = None
+
+
+def shared_start(cfg: RunConfig, out_dir: Path, *, progress: bool = True) -> str:
+    """The server-aligned start of ``cfg`` (``init.adapter: align``), saved once as an adapter directory in
+    ``out_dir``; returns what ``init.adapter`` should name so that other scenarios federate from that same
+    start ("" when ``cfg`` has no aligned start, a path when it already names one).
+
+    Why: the alignment records are drawn from the held-out pools, which hold what the clients did not
+    get, so a clean variant of a federation (its would-be malicious clients given benign data) draws
+    other records and would align a *different* start; a clean-vs-attacked comparison would then mix the
+    attack with the difference between two starts. The server deploys one model: every scenario of a demo
+    or sweep starts from the attacked configuration's start."""
+    if cfg.init.adapter != "align":
+        return cfg.init.adapter
+    out = Path(out_dir)
+    if not (out / "adapter_model.safetensors").exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            vec = build_engine(cfg, Path(tmp) / "start", progress=progress).start_vec
+            get_runtime(cfg.model, cfg.lora).handle.save_adapter(out, vec)
+    return str(out)
 
 
 def build_engine(cfg: RunConfig, run_dir: Path, *, progress: bool = True, **kw: Any) -> Engine:
