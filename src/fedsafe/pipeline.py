@@ -96,7 +96,7 @@ def shared_start(cfg: RunConfig, out_dir: Path, *, progress: bool = True) -> str
     or sweep starts from the attacked configuration's start."""
     if cfg.init.adapter != "align":
         return cfg.init.adapter
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()  # the scenarios' config.yaml name it: a resume from elsewhere must find it
     if not (out / "adapter_model.safetensors").exists():
         with tempfile.TemporaryDirectory() as tmp:
             vec = build_engine(cfg, Path(tmp) / "start", progress=progress).start_vec
