@@ -20,7 +20,6 @@ Every function writes the run-directory layout of :mod:`fedsafe.rundir`.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,9 +97,11 @@ def shared_start(cfg: RunConfig, out_dir: Path, *, progress: bool = True) -> str
         return cfg.init.adapter
     out = Path(out_dir).resolve()  # the scenarios' config.yaml name it: a resume from elsewhere must find it
     if not (out / "adapter_model.safetensors").exists():
-        with tempfile.TemporaryDirectory() as tmp:
-            vec = build_engine(cfg, Path(tmp) / "start", progress=progress).start_vec
-            get_runtime(cfg.model, cfg.lora).handle.save_adapter(out, vec)
+        fed = build_federation(cfg.data, seed=cfg.seed)  # what build_engine aligns on, without an engine
+        records = reserve(cfg, fed)
+        rt = get_runtime(cfg.model, cfg.lora)
+        rt.set_base_delta(None)
+        rt.handle.save_adapter(out, initial_vec(cfg, fed, rt, records, progress=progress))
     return str(out)
 
 
