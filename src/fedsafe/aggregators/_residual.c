@@ -32,14 +32,14 @@
 #define WP (2 * NP + 8)
 #define NR (NP + 8)        /* B tables by k cover k < NR */
 #ifndef P0A /* the first pass's thresholds, times the estimate (tuned on Gaussian columns) */
-#define P0A 0.99f
-#define P0B 1.12f
+#define P0A 1.0f
+#define P0B 1.1f
 #endif
 #ifndef MGDIV /* margin in ranks around the wanted medians: 1 + candidates / MGDIV */
-#define MGDIV 8
+#define MGDIV 12
 #endif
 #ifndef EXACT_AT
-#define EXACT_AT 6 /* candidates left when dividing their slopes beats another counting pass */
+#define EXACT_AT 8 /* candidates left when dividing their slopes beats another counting pass */
 #endif      /* a row's window into the symmetric |i - j| tables */
 
 #ifdef RES_PROFILE /* cycle counts per phase, for tuning (not built by _native.py) */
@@ -92,7 +92,7 @@ typedef struct {
   _Alignas(32) int32_t cand[N + 16], cntlo[N + 16], cnthi[N + 16], ca[N + 16], cb[N + 16];
   _Alignas(32) int32_t pack[256 * 8]; /* pack[8 m:]: the lanes set in m first, for packing */
   _Alignas(32) float est[N + 16];
-  float exact[N], tmp[N];
+  float exact[N], tmp[N + 24];
 } rm_ctx;
 
 /* B_k(t) for the k in ks[0:len] (k = 0: 0, so the self pair never counts). */
@@ -233,38 +233,51 @@ static float select_k(float *a, int len, int k) {
   return a[k];
 }
 
-/* The r-th smallest (r in [cl - 1, ch]) slope of row i, given cl = #slopes <= lo, ch = #<= hi;
-   NaN if the divisions disagree with those counts (then the column is left to the caller). */
-static float row_slope(rm_ctx *c, int i, float lo, float hi, int cl, int ch, int r) {
+/* Row i's median slope exactly (its two middle ranks q1 <= q2 in [cl - 1, ch]), given cl =
+   #slopes <= lo, ch = #slopes <= hi: the slopes in (lo, hi] sorted, with the largest below and
+   the smallest above; NaN if the divisions disagree with those counts (then the column is left
+   to the caller). */
+static float row_median(rm_ctx *c, int i, float lo, float hi, int cl, int ch, int q1, int q2) {
   v8f si = (v8f){0} + c->s[i], lov = (v8f){0} + lo, hiv = (v8f){0} + hi;
+  v8f under = (v8f){0} - INFINITY, over = (v8f){0} + INFINITY;
   const float *kw = c->kw + (N - 1 - i);
-  float *tmp = c->tmp;
+  float *tmp = c->tmp + 1; /* tmp[0]: the largest slope <= lo; tmp[len + 1]: the smallest > hi */
   int len = 0;
   for (int v = 0; v < NV; v++) {
     v8f sl = abs8(ld8(c->s + 8 * v) - si) / ld8(kw + 8 * v); /* self: 0/0 = NaN, padding NaN */
-    v8i in = (v8i)(sl > lov) & (v8i)(sl <= hiv);
+    v8i le = (v8i)(sl <= lov), gt = (v8i)(sl > hiv), in = (v8i)(sl > lov) & (v8i)(sl <= hiv);
+    le &= (v8i)(sl > under), gt &= (v8i)(sl < over); /* NaN compares false: never taken */
+    under = (v8f)((le & (v8i)sl) | (~le & (v8i)under));
+    over = (v8f)((gt & (v8i)sl) | (~gt & (v8i)over));
     unsigned bits = (unsigned)mask8(in);
-    while (bits) {
-      int l = __builtin_ctz(bits);
-      bits &= bits - 1;
-      if (len < N) tmp[len] = sl[l];
-      len++;
-    }
+    v8f packed = (v8f)__builtin_shuffle((v8i)sl, ld8i(c->pack + 8 * bits)); /* no branches */
+    memcpy(tmp + (len < N ? len : N), &packed, 32);
+    len += __builtin_popcount(bits);
   }
   if (len != ch - cl) return NAN;
-  if (r < cl || r >= ch) { /* rare: the largest slope <= lo or the smallest > hi */
-    float best = r < cl ? -INFINITY : INFINITY;
-    for (int j = 0; j < N; j++) {
-      if (j == i) continue;
-      float sl = fabsf(c->s[j] - c->s[i]) / (float)(j > i ? j - i : i - j);
-      if (r < cl && sl <= lo && sl > best) best = sl;
-      if (r >= ch && sl > hi && sl < best) best = sl;
+  float u = under[0], o = over[0];
+  for (int l = 1; l < 8; l++) u = under[l] > u ? under[l] : u, o = over[l] < o ? over[l] : o;
+  float a, b;
+  if (len <= 12) {
+    insertion_sort(tmp, len);
+    tmp[-1] = u, tmp[len] = o;
+    a = tmp[q1 - cl], b = tmp[q2 - cl]; /* rank cl - 1 is tmp[-1], rank ch is tmp[len] */
+  } else { /* k-th smallest = the largest x with #{y < x} <= k, by vector counts */
+    for (int x = len; x < len + 8; x++) tmp[x] = INFINITY;
+    int ka = q1 - cl, kb = q2 - cl;
+    a = b = -INFINITY;
+    for (int x = 0; x < len; x++) {
+      v8f e = (v8f){0} + tmp[x];
+      v8i acc = {0};
+      for (int v = 0; v < len; v += 8) acc -= (v8i)(ld8(tmp + v) < e);
+      int lt = hsum8(acc);
+      float ea = lt <= ka ? tmp[x] : -INFINITY, eb = lt <= kb ? tmp[x] : -INFINITY;
+      a = a > ea ? a : ea, b = b > eb ? b : eb;
     }
-    return best;
+    if (ka < 0) a = u;
+    if (kb >= len) b = o;
   }
-  if (len > 12) return select_k(tmp, len, r - cl);
-  insertion_sort(tmp, len);
-  return tmp[r - cl];
+  return q1 == q2 ? a : (a + b) / 2;
 }
 
 /* The repeated-median slope med_i med_{j != i} slope_ij of sorted finite s; 0 if settled. */
@@ -374,8 +387,7 @@ static int rm_slope(rm_ctx *c, float est, float *out) {
   TOCK(12);
   int under = 0, over = 0; /* candidates that still fall <= lo or > hi (odd n only) */
   for (int x = 0; x < nc; x++) {
-    float m = row_slope(c, cand[x], lo, hi, cl[x], ch[x], q1);
-    if (odd) m = (m + row_slope(c, cand[x], lo, hi, cl[x], ch[x], q2)) / 2;
+    float m = row_median(c, cand[x], lo, hi, cl[x], ch[x], q1, q2);
     if (m != m) return 1;
     c->exact[x] = m;
     under += m <= lo, over += m > hi;
