@@ -44,13 +44,14 @@ RULES = ["median", "median_paper", "trimmed_mean", "trimmed_mean_paper", "bulyan
 @contextlib.contextmanager
 def numpy_kernels_only() -> Iterator[None]:
     """Run the rules as before the compiled kernel: numpy sorts (same results, tested)."""
-    saved = _native.kernel, _native.slope_kernel
+    saved = _native.kernel, _native.slope_kernel, _native.residual_kernel
     _native.kernel = lambda *a: None
     _native.slope_kernel = lambda *a: (None, None)
+    _native.residual_kernel = lambda *a: None
     try:
         yield
     finally:
-        _native.kernel, _native.slope_kernel = saved
+        _native.kernel, _native.slope_kernel, _native.residual_kernel = saved
 
 
 def rule_call(name: str, x: torch.Tensor) -> Callable[[], object]:

@@ -92,6 +92,8 @@ def _build(name: str, network: str | None, defines: tuple[str, ...], main: Path 
         f32 = ctypes.c_float
         lib.fs_residual_f32.argtypes = [p, i64, i64, i64, p, f32, f32, f32, f32, p, p, p, p, p, p]
         lib.fs_residual_f32.restype = ctypes.c_int
+        lib.fs_rm_slope_f32.argtypes = [p, i64, i64, p, p]
+        lib.fs_rm_slope_f32.restype = ctypes.c_int
     return lib
 
 
@@ -139,12 +141,18 @@ def _cached_residual_library(n: int) -> ctypes.CDLL | None:
         return None
 
 
-def residual_kernel(n: int):
-    """The compiled whole residual rule for ``n`` float32 rows (``_residual.c``), or None."""
+def residual_library(n: int) -> ctypes.CDLL | None:
+    """``_residual.c`` built for ``n`` clients: ``fs_residual_f32`` (the whole rule on float32
+    columns) and ``fs_rm_slope_f32`` (the repeated-median slope alone, for tests), or None."""
     if not 3 <= n <= MAX_UNROLLED:
         return None
     with _BUILDING:
-        lib = _cached_residual_library(n)
+        return _cached_residual_library(n)
+
+
+def residual_kernel(n: int):
+    """The compiled whole residual rule for ``n`` float32 rows (``_residual.c``), or None."""
+    lib = residual_library(n)
     return None if lib is None else lib.fs_residual_f32
 
 

@@ -400,6 +400,48 @@ static int rm_slope(rm_ctx *c, float est, float *out) {
   return 0;
 }
 
+static rm_ctx *new_ctx(void) {
+  rm_ctx *ctx = ALLOC(sizeof(rm_ctx));
+  if (!ctx) return NULL;
+  for (int m = 0; m < WP; m++) ctx->kw[m] = m < 2 * N - 1 ? fabsf((float)(m - (N - 1))) : 1.0f;
+  for (int m = 0; m < NR + 16; m++) ctx->kh[m] = (float)m;
+  for (int m = 0; m < 256; m++)
+    for (int l = 0, k = 0; l < 8; l++) {
+      if (m >> l & 1) ctx->pack[8 * m + k++] = l;
+      if (l == 7)
+        while (k < 8) ctx->pack[8 * m + k++] = 0;
+    }
+  for (int m = N; m < NP + 16; m++) ctx->s[m] = NAN;
+  return ctx;
+}
+
+/* The repeated-median slope of the sorted values in ctx->s[0:N] (0 if they are all equal);
+   0 if settled, else 1 (non-finite values, an overflowing range, an unsettled median). */
+static int column_slope(rm_ctx *ctx, float *slope) {
+  float range = ctx->s[N - 1] - ctx->s[0];
+  if (!(range - range == 0)) return 1; /* NaN, infinities, or inf slopes */
+  *slope = 0.0f;
+  if (range == 0) return 0;
+  int a = N / 5;
+  float est = (ctx->s[N - 1 - a] - ctx->s[a]) / (float)(N - 1 - 2 * a);
+  if (!(est > 0)) est = range / (float)(N - 1);
+  return rm_slope(ctx, est, slope);
+}
+
+/* The repeated-median slope of each sorted row of s (c, n): for tests against numpy. */
+int fs_rm_slope_f32(const float *s, int64_t n, int64_t c, float *out, uint8_t *unclear) {
+  if (n != N) return 2;
+  rm_ctx *ctx = new_ctx();
+  if (!ctx) return 1;
+  for (int64_t j = 0; j < c; j++) {
+    memcpy(ctx->s, s + j * N, N * sizeof(float));
+    out[j] = NAN;
+    unclear[j] = (uint8_t)column_slope(ctx, out + j);
+  }
+  free(ctx);
+  return 0;
+}
+
 /* Sort keys of 8 finite float32 values of one row, as two vectors of 4 doubles whose order is
    (value, row): the value's order-preserving bits above the row, under the exponent of 2^52
    (a double 2^52 + integer, exact, compared as numbers). -0 and +0 tie, as in a stable sort. */
@@ -425,17 +467,8 @@ int fs_residual_f32(const float *x, int64_t ld, int64_t n, int64_t c, const floa
                     float eps, float kk, float thr, double *conf, int64_t *replaced,
                     int64_t *fix_at, float *fix_val, int64_t *nfix, uint8_t *unclear) {
   if (n != N || N > 511) return 2;
-  rm_ctx *ctx = ALLOC(sizeof(rm_ctx));
+  rm_ctx *ctx = new_ctx();
   if (!ctx) return 1;
-  for (int m = 0; m < WP; m++) ctx->kw[m] = m < 2 * N - 1 ? fabsf((float)(m - (N - 1))) : 1.0f;
-  for (int m = 0; m < NR + 16; m++) ctx->kh[m] = (float)m;
-  for (int m = 0; m < 256; m++)
-    for (int l = 0, k = 0; l < 8; l++) {
-      if (m >> l & 1) ctx->pack[8 * m + k++] = l;
-      if (l == 7)
-        while (k < 8) ctx->pack[8 * m + k++] = 0;
-    }
-  for (int m = N; m < NP + 16; m++) ctx->s[m] = NAN;
   _Alignas(32) float y[N][8], rank[N][8], res[N][8], ar[N][8], sorted[N][8];
   _Alignas(32) int64_t key[N][4], key2[N][4];
   int64_t count = 0;
@@ -472,15 +505,8 @@ int fs_residual_f32(const float *x, int64_t ld, int64_t n, int64_t c, const floa
       slope[l] = icpt[l] = 0;
       if (!ok[l]) continue;
       for (int r = 0; r < N; r++) ctx->s[r] = sorted[r][l];
-      float range = ctx->s[N - 1] - ctx->s[0];
-      if (!(range - range == 0)) { ok[l] = 0; continue; } /* overflow: inf slopes */
-      float sl = 0.0f;
-      if (range > 0) {
-        int a = N / 5;
-        float est = (ctx->s[N - 1 - a] - ctx->s[a]) / (float)(N - 1 - 2 * a);
-        if (!(est > 0)) est = range / (float)(N - 1);
-        if (rm_slope(ctx, est, &sl)) { ok[l] = 0; continue; }
-      }
+      float sl;
+      if (column_slope(ctx, &sl)) { ok[l] = 0; continue; }
       float med = (N % 2) ? ctx->s[(N - 1) / 2] : (ctx->s[(N - 1) / 2] + ctx->s[N / 2]) / 2;
       float half_run = sl * (float)(N - 1);
       half_run = half_run / 2;
