@@ -187,18 +187,23 @@ static void pick2(const float *est, int nc, int ka, int kb, float *ta, float *tb
   float lo0 = mn[0], hi0 = mx[0];
   for (int l = 1; l < 8; l++) lo0 = mn[l] < lo0 ? mn[l] : lo0, hi0 = mx[l] > hi0 ? mx[l] : hi0;
   float alo = lo0, ahi = hi0, blo = lo0, bhi = hi0;
-  for (int it = 0; it < 8; it++) { /* two independent chains, no branches */
-    float am = alo + (ahi - alo) * 0.5f, bm = blo + (bhi - blo) * 0.5f;
-    v8f av = (v8f){0} + am, bv = (v8f){0} + bm;
-    v8i acc = {0};
+  for (int it = 0; it < 4; it++) { /* two independent chains, 3 probes each (1/4 per step) */
+    float as = (ahi - alo) * 0.25f, bs = (bhi - blo) * 0.25f;
+    float pa[3] = {alo + as, alo + 2 * as, alo + 3 * as}, pb[3] = {blo + bs, blo + 2 * bs, blo + 3 * bs};
+    v8i acc[3] = {{0}, {0}, {0}};
     for (int v = 0; v < nv; v++) {
       v8f e = ld8(est + 8 * v);
-      acc -= (v8i)(e <= av) + ((v8i)(e <= bv) << 16);
+      for (int p = 0; p < 3; p++)
+        acc[p] -= (v8i)(e <= pa[p]) + ((v8i)(e <= pb[p]) << 16);
     }
-    int32_t both = hsum8(acc);
-    int ina = (both & 0xffff) > ka, inb = (both >> 16) > kb;
-    ahi = ina ? am : ahi, alo = ina ? alo : am;
-    bhi = inb ? bm : bhi, blo = inb ? blo : bm;
+    float nalo = alo, nahi = ahi, nblo = blo, nbhi = bhi;
+    for (int p = 2; p >= 0; p--) { /* the smallest probe reaching the rank, the largest not */
+      int32_t both = hsum8(acc[p]);
+      int ina = (both & 0xffff) > ka, inb = (both >> 16) > kb;
+      nahi = ina ? pa[p] : nahi, nblo = inb ? nblo : (nblo > pb[p] ? nblo : pb[p]);
+      nbhi = inb ? pb[p] : nbhi, nalo = ina ? nalo : (nalo > pa[p] ? nalo : pa[p]);
+    }
+    alo = nalo, ahi = nahi, blo = nblo, bhi = nbhi;
   }
   *ta = ahi, *tb = bhi;
 }
@@ -471,17 +476,33 @@ int fs_residual_f32(const float *x, int64_t ld, int64_t n, int64_t c, const floa
   if (!ctx) return 1;
   _Alignas(32) float y[N][8], rank[N][8], res[N][8], ar[N][8], sorted[N][8];
   _Alignas(32) int64_t key[N][4], key2[N][4];
+  /* Rows are copied a panel of PANEL columns at a time (sequential reads; rows of x are often
+     2^k bytes apart, which maps a tile's rows all to one cache set), row stride SP. */
+  enum { PANEL = 128, SP = PANEL + 8 };
+  float *stage = ALLOC((size_t)N * SP * sizeof(float));
+  if (!stage) {
+    free(ctx);
+    return 1;
+  }
   int64_t count = 0;
   for (int64_t j0 = 0; j0 < c; j0 += 8) {
     int w = c - j0 < 8 ? (int)(c - j0) : 8;
-    int ok[8];
-    for (int l = 0; l < 8; l++) ok[l] = l < w;
-    for (int i = 0; i < N; i++)
-      for (int l = 0; l < 8; l++) {
-        float v = l < w ? x[i * ld + j0 + l] : 0.0f;
-        y[i][l] = v;
-        ok[l] &= v - v == 0; /* finite */
+    int64_t p0 = j0 / PANEL * PANEL;
+    if (j0 == p0) {
+      int64_t pw = c - p0 < PANEL ? c - p0 : PANEL;
+      for (int i = 0; i < N; i++) {
+        memcpy(stage + i * SP, x + i * ld + p0, (size_t)pw * sizeof(float));
+        memset(stage + i * SP + pw, 0, (size_t)(SP - pw) * sizeof(float)); /* padding: finite */
       }
+    }
+    v8i fin = (v8i){0} == 0;
+    for (int i = 0; i < N; i++) {
+      v8f v = ld8(stage + i * SP + (j0 - p0));
+      memcpy(y[i], &v, 32);
+      fin &= (v8i)(v - v == 0); /* finite */
+    }
+    int ok[8];
+    for (int l = 0; l < 8; l++) ok[l] = l < w && fin[l];
     TOCK(0);
     /* Stable sort with ranks: 4 columns per sort of exact double keys (value, row). */
     for (int i = 0; i < N; i++) {
@@ -529,7 +550,8 @@ int fs_residual_f32(const float *x, int64_t ld, int64_t n, int64_t c, const floa
     v8f scale = mad * c0;
     scale = scale + eps;
     _Alignas(32) float rw[N][8];
-    double sum[8] = {0}, sq[8] = {0};
+    v4d sum0 = {0}, sum1 = {0}, sq0 = {0}, sq1 = {0}; /* per column, in double, lanes 0-3 and 4-7 */
+    v8f below = {0}; /* columns with any reweight below thresh */
     for (int i = 0; i < N; i++) {
       v8f hv;
       for (int l = 0; l < 8; l++) hv[l] = h[(int)rank[i][l]];
@@ -540,20 +562,33 @@ int fs_residual_f32(const float *x, int64_t ld, int64_t n, int64_t c, const floa
       v8i lt = (v8i)(r < 1.0f); /* torch's clamp(max=1); r is never NaN here */
       r = (v8f)((lt & (v8i)r) | (~lt & (v8i)((v8f){0} + 1.0f)));
       memcpy(rw[i], &r, 32);
-      for (int l = 0; l < 8; l++) sum[l] += r[l];
+      below = (v8f)((v8i)below | (v8i)(r < thr));
+      sum0 += __builtin_convertvector((v4f){r[0], r[1], r[2], r[3]}, v4d);
+      sum1 += __builtin_convertvector((v4f){r[4], r[5], r[6], r[7]}, v4d);
+    }
+    v4d mean0 = sum0 / N, mean1 = sum1 / N; /* the spread as torch's std: two passes in double */
+    for (int i = 0; i < N; i++) {
+      v8f r = ld8(rw[i]);
+      v4d d0 = __builtin_convertvector((v4f){r[0], r[1], r[2], r[3]}, v4d) - mean0;
+      v4d d1 = __builtin_convertvector((v4f){r[4], r[5], r[6], r[7]}, v4d) - mean1;
+      sq0 += d0 * d0, sq1 += d1 * d1;
     }
     float std_[8];
-    for (int l = 0; l < 8; l++) {
-      double mean = sum[l] / N;
-      for (int i = 0; i < N; i++) sq[l] += (rw[i][l] - mean) * (rw[i][l] - mean);
-      std_[l] = (float)sqrt(sq[l] / (N - 1));
-    }
+    for (int l = 0; l < 8; l++) std_[l] = (float)sqrt((l < 4 ? sq0[l] : sq1[l - 4]) / (N - 1));
     for (int l = 0; l < w; l++) unclear[j0 + l] = (uint8_t)!ok[l];
-    for (int l = 0; l < w; l++) /* column by column: the order of torch's nonzero() */
+    v8f sv8 = ld8(std_);
+    for (int l = 0; l < 8; l++) if (!ok[l]) sv8[l] = 0; /* left to the caller: adds nothing */
+    for (int i = 0; i < N; i++) {
+      v8f prod = ld8(rw[i]) * sv8; /* float32 products, as torch's, then summed in double */
+      v4d p0 = __builtin_convertvector((v4f){prod[0], prod[1], prod[2], prod[3]}, v4d);
+      v4d p1 = __builtin_convertvector((v4f){prod[4], prod[5], prod[6], prod[7]}, v4d);
+      p0 += p1;
+      conf[i] += (p0[0] + p0[2]) + (p0[1] + p0[3]);
+    }
+    for (int l = 0; l < w; l++) { /* column by column: the order of torch's nonzero() */
+      if (!ok[l] || !((v8i)below)[l]) continue;
       for (int i = 0; i < N; i++) {
-        if (!ok[l]) continue;
         float r = rw[i][l];
-        conf[i] += (double)(r * std_[l]);
         if (r < thr) {
           float line = icpt[l] + slope[l] * rank[i][l];
           replaced[i]++;
@@ -561,9 +596,11 @@ int fs_residual_f32(const float *x, int64_t ld, int64_t n, int64_t c, const floa
           fix_val[count++] = line - y[i][l];
         }
       }
+    }
     TICK(2);
   }
   *nfix = count;
+  free(stage);
   free(ctx);
   return 0;
 }

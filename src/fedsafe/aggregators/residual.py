@@ -262,8 +262,8 @@ def residual(x, w, *, state=None, chunk=None, lam=2.0, thresh=0.05) -> AggResult
                 torch_block(cols, confidence, replaced, fixes)
                 continue
             conf, count, fix, unclear = compiled_block(kernel, a, cols.start, cols.stop, lam, thresh)
-            confidence += conf
-            replaced += count
+            confidence.numpy().__iadd__(conf.numpy())  # numpy: no torch op (and thread team) here
+            replaced.numpy().__iadd__(count.numpy())
             if fix[0].numel():
                 fixes.append(fix)
             if unclear.size:  # columns the kernel left: non-finite values, unsettled medians
@@ -286,7 +286,8 @@ def residual(x, w, *, state=None, chunk=None, lam=2.0, thresh=0.05) -> AggResult
     coef = (confidence / top) ** 2 if top > 0 else torch.ones_like(confidence)
     coef = coef / coef.sum()
     agg = combine(x, coef)
-    for rows, idx, vals in fixes:
+    if fixes:  # one scatter for all blocks (in block order, as before)
+        rows, idx, vals = (torch.cat(part) for part in zip(*fixes, strict=True))
         agg.index_add_(0, idx, (coef[rows] * vals.double()).to(agg.dtype))
     info = {"confidence": as_list(confidence), "replaced_fraction": as_list(replaced.double() / d)}
     return AggResult(agg, coef.to(x), info)
