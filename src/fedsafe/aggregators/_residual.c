@@ -31,6 +31,7 @@
 #define NV (NP / 8)
 #define WP (2 * NP + 8)
 #define NR (NP + 8)        /* B tables by k cover k < NR */
+#define BOFF 8             /* and k >= -BOFF (B = -inf for k <= 0: the pair never counts) */
 #ifndef P0A /* the first pass's thresholds, times the estimate (tuned on Gaussian columns) */
 #define P0A 1.0f
 #define P0B 1.1f
@@ -42,6 +43,9 @@
 #define EXACT_AT 8 /* candidates left when dividing their slopes beats another counting pass */
 #endif      /* a row's window into the symmetric |i - j| tables */
 
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
 #ifdef RES_PROFILE /* cycle counts per phase, for tuning (not built by _native.py) */
 #include <x86intrin.h>
 uint64_t fs_prof[16];
@@ -86,7 +90,8 @@ typedef struct {
   _Alignas(32) float s[NP + 16];     /* sorted values, NaN padded */
   _Alignas(32) float kw[WP];         /* kw[N - 1 + m] = |m| as float: row i's k_j = kw[N-1-i+j] */
   _Alignas(32) float kh[NR + 16];    /* kh[k] = k */
-  _Alignas(32) float ba[NR + 16], bb[NR + 16]; /* B_k(t) by k, for the two thresholds of a pass */
+  _Alignas(32) double kd[NR + 16];   /* kd[k] = k */
+  _Alignas(32) float ba[BOFF + NR + 16], bb[BOFF + NR + 16]; /* B_k(t) at BOFF + k, k >= -BOFF */
   _Alignas(32) float ra[NR + 16], rb[NR + 16]; /* the same reversed: r[NR - k] = B_k, -inf for k <= 0 */
   _Alignas(32) int32_t cnt[NP + 16]; /* first pass: slopes <= ta, plus 65536 x slopes <= tb */
   _Alignas(32) int32_t cand[N + 16], cntlo[N + 16], cnthi[N + 16], ca[N + 16], cb[N + 16];
@@ -95,22 +100,39 @@ typedef struct {
   float exact[N], tmp[N + 24];
 } rm_ctx;
 
-/* B_k(t) for the k in ks[0:len] (k = 0: 0, so the self pair never counts). */
-static void b_table(const float *ks, int len, float t, float *b) {
-  double mid = ((double)t + (double)next_up(t)) * 0.5; /* t = FLT_MAX: inf, B = inf */
-  v8f tv = (v8f){0} + t;
-  for (int m = 0; m < len; m += 8) {
-    v8f k = ld8(ks + m);
-    v4f k0 = {k[0], k[1], k[2], k[3]}, k1 = {k[4], k[5], k[6], k[7]};
-    v4d x0 = __builtin_convertvector(k0, v4d) * mid, x1 = __builtin_convertvector(k1, v4d) * mid;
-    v4f b0 = __builtin_convertvector(x0, v4f), b1 = __builtin_convertvector(x1, v4f);
-    v8f bv = {b0[0], b0[1], b0[2], b0[3], b1[0], b1[1], b1[2], b1[3]};
-    v8i up = (v8i)(bv / k > tv); /* the quotient of bv itself rounds above t */
-    v8f nx = (v8f)((v8i)bv + 1);
-    bv = (v8f)((up & (v8i)bv) | (~up & (v8i)nx));
-    bv = (v8f)((v8i)bv & ~(v8i)(k == 0));
-    memcpy(b + m, &bv, 32);
+/* B_k(t) for k = 1 .. NR + 15 (k <= 0: -inf, so no pair j <= i counts), for two thresholds
+   at once: the float nearest mid * k (exact in double), or its successor where that one's own
+   quotient by k does not round above t. */
+static void b_tables(const rm_ctx *c, float ta, float tb, float *ba, float *bb) { /* at BOFF + k */
+  double mida = ((double)ta + (double)next_up(ta)) * 0.5; /* t = FLT_MAX: inf, B = inf */
+  double midb = ((double)tb + (double)next_up(tb)) * 0.5;
+#ifdef __AVX__
+  __m256d ma = _mm256_set1_pd(mida), mb = _mm256_set1_pd(midb);
+  __m256 tav = _mm256_set1_ps(ta), tbv = _mm256_set1_ps(tb);
+  __m256i one = _mm256_set1_epi32(1);
+  for (int m = 0; m < NR + 16; m += 8) {
+    __m256d k0 = _mm256_load_pd(c->kd + m), k1 = _mm256_load_pd(c->kd + m + 4);
+    __m256 k = _mm256_load_ps(c->kh + m);
+    __m256 b0 = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm256_cvtpd_ps(_mm256_mul_pd(k0, ma))),
+                                     _mm256_cvtpd_ps(_mm256_mul_pd(k1, ma)), 1);
+    __m256 b1 = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm256_cvtpd_ps(_mm256_mul_pd(k0, mb))),
+                                     _mm256_cvtpd_ps(_mm256_mul_pd(k1, mb)), 1);
+    __m256 up0 = _mm256_cmp_ps(_mm256_div_ps(b0, k), tav, _CMP_GT_OQ); /* b0's quotient above t */
+    __m256 up1 = _mm256_cmp_ps(_mm256_div_ps(b1, k), tbv, _CMP_GT_OQ);
+    /* bits + 1 - [up]: b where its quotient rounds above t, else its successor (b >= 0) */
+    __m256i r0 = _mm256_add_epi32(_mm256_add_epi32(_mm256_castps_si256(b0), one), _mm256_castps_si256(up0));
+    __m256i r1 = _mm256_add_epi32(_mm256_add_epi32(_mm256_castps_si256(b1), one), _mm256_castps_si256(up1));
+    _mm256_store_si256((__m256i *)(ba + BOFF + m), r0);
+    _mm256_store_si256((__m256i *)(bb + BOFF + m), r1);
   }
+#else
+  for (int m = 0; m < NR + 16; m++) {
+    float k = c->kh[m], b0 = (float)(c->kd[m] * mida), b1 = (float)(c->kd[m] * midb);
+    ba[BOFF + m] = b0 / k > ta ? b0 : next_up(b0);
+    bb[BOFF + m] = b1 / k > tb ? b1 : next_up(b1);
+  }
+#endif
+  for (int m = 0; m <= BOFF; m++) ba[m] = bb[m] = -INFINITY; /* k <= 0 */
 }
 
 /* r[m] = b[NR - m] (k = NR - m), -inf where k <= 0: row i's B by j < i is r[NR - i + j]. */
@@ -135,31 +157,35 @@ static inline int32_t hsum8(v8i v) {
 /* First pass, all rows: each pair once (j > i, D = s_j - s_i >= 0 as s is sorted), counted for
    both its rows; the two thresholds' counts packed in one int (low and high 16 bits). */
 static void count_all(rm_ctx *c) {
+  /* Aligned vectors of j from the one holding i + 1: lanes j <= i meet B = -inf (k <= 0) and
+     never count, and each column count is read and written at the same aligned address (a
+     store then a load that overlap unaligned would wait for the store to finish). */
   memset(c->cnt, 0, sizeof(c->cnt));
+  int32_t row[N];
   for (int i = 0; i < N - 1; i++) {
     v8f si = (v8f){0} + c->s[i];
     v8i acc = {0};
-    const float *sj = c->s + i + 1, *ka = c->ba + 1, *kb = c->bb + 1;
-    int32_t *cj = c->cnt + i + 1;
-    for (int v = 0, nv = (N - 1 - i + 7) / 8; v < nv; v++) {
-      v8f d = ld8(sj + 8 * v) - si; /* NaN padding never counts */
-      v8i u = (v8i)(d < ld8(ka + 8 * v)) + ((v8i)(d < ld8(kb + 8 * v)) << 16);
+    const float *ka = c->ba + BOFF - i, *kb = c->bb + BOFF - i; /* ka[j] = B_{j - i} */
+    for (int j = (i + 1) / 8 * 8; j < N; j += 8) {
+      v8f d = ld8(c->s + j) - si; /* NaN padding never counts */
+      v8i u = (v8i)(d < ld8(ka + j)) + ((v8i)(d < ld8(kb + j)) << 16);
       acc -= u;
-      v8i old;
-      memcpy(&old, cj + 8 * v, 32);
-      old -= u;
-      memcpy(cj + 8 * v, &old, 32);
+      st8i(c->cnt + j, ld8i(c->cnt + j) - u);
     }
-    c->cnt[i] += hsum8(acc);
+    row[i] = hsum8(acc);
   }
-  for (int i = 0; i < N; i++) c->ca[i] = c->cnt[i] & 0xffff, c->cb[i] = c->cnt[i] >> 16;
+  row[N - 1] = 0;
+  for (int i = 0; i < N; i++) {
+    int32_t both = c->cnt[i] + row[i];
+    c->ca[i] = both & 0xffff, c->cb[i] = both >> 16;
+  }
 }
 
 /* Number of slopes of row i at most t_a and at most t_b (tables ba, bb and reversed ra, rb). */
 static inline void count2(const rm_ctx *c, int i, int *na, int *nb) {
   v8f si = (v8f){0} + c->s[i];
   v8i acc = {0};
-  const float *sj = c->s + i + 1, *ka = c->ba + 1, *kb = c->bb + 1;
+  const float *sj = c->s + i + 1, *ka = c->ba + BOFF + 1, *kb = c->bb + BOFF + 1;
   for (int v = 0, nv = (N - 1 - i + 7) / 8; v < nv; v++) { /* j > i; NaN padding never counts */
     v8f d = ld8(sj + 8 * v) - si;
     acc -= (v8i)(d < ld8(ka + 8 * v)) + ((v8i)(d < ld8(kb + 8 * v)) << 16);
@@ -308,15 +334,14 @@ static int rm_slope(rm_ctx *c, float est, float *out) {
     fs_prof[8]++, fs_prof[9] += nc;
 #endif
     TOCK(3);
-    b_table(c->kh, NR + 16, ta, c->ba);
-    b_table(c->kh, NR + 16, tb, c->bb);
+    b_tables(c, ta, tb, c->ba, c->bb);
     if (pass == 0) {
       TICK(3); TOCK(4);
       count_all(c); /* by row = by candidate position */
       TICK(4);
     } else {
-      reverse_table(c->ba, c->ra);
-      reverse_table(c->bb, c->rb);
+      reverse_table(c->ba + BOFF, c->ra);
+      reverse_table(c->bb + BOFF, c->rb);
       TICK(3); TOCK(5);
       for (int x = 0; x < nc; x++) count2(c, cand[x], &ca[x], &cb[x]);
       TICK(5);
@@ -409,7 +434,7 @@ static rm_ctx *new_ctx(void) {
   rm_ctx *ctx = ALLOC(sizeof(rm_ctx));
   if (!ctx) return NULL;
   for (int m = 0; m < WP; m++) ctx->kw[m] = m < 2 * N - 1 ? fabsf((float)(m - (N - 1))) : 1.0f;
-  for (int m = 0; m < NR + 16; m++) ctx->kh[m] = (float)m;
+  for (int m = 0; m < NR + 16; m++) ctx->kh[m] = (float)m, ctx->kd[m] = (double)m;
   for (int m = 0; m < 256; m++)
     for (int l = 0, k = 0; l < 8; l++) {
       if (m >> l & 1) ctx->pack[8 * m + k++] = l;
