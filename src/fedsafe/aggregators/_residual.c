@@ -94,6 +94,7 @@ typedef struct {
   _Alignas(32) float ba[BOFF + NR + 16], bb[BOFF + NR + 16]; /* B_k(t) at BOFF + k, k >= -BOFF */
   _Alignas(32) float ra[NR + 16], rb[NR + 16]; /* the same reversed: r[NR - k] = B_k, -inf for k <= 0 */
   _Alignas(32) int32_t cnt[NP + 16]; /* first pass: slopes <= ta, plus 65536 x slopes <= tb */
+  v8i accs[N];                       /* per row: the same, by lane */
   _Alignas(32) int32_t cand[N + 16], cntlo[N + 16], cnthi[N + 16], ca[N + 16], cb[N + 16];
   _Alignas(32) int32_t pack[256 * 8]; /* pack[8 m:]: the lanes set in m first, for packing */
   _Alignas(32) float est[N + 16];
@@ -154,6 +155,25 @@ static inline int32_t hsum8(v8i v) {
   return x[0];
 }
 
+/* out[r] = the sum of the 8 lanes of acc[r], for r < rows (8 rows per few instructions). */
+static void hsum_rows(const v8i *acc, int rows, int32_t *out) {
+  int r = 0;
+#ifdef __AVX2__
+  for (; r + 8 <= rows; r += 8) {
+    const __m256i *a = (const __m256i *)(acc + r);
+    __m256i h01 = _mm256_hadd_epi32(_mm256_load_si256(a), _mm256_load_si256(a + 1));
+    __m256i h23 = _mm256_hadd_epi32(_mm256_load_si256(a + 2), _mm256_load_si256(a + 3));
+    __m256i h45 = _mm256_hadd_epi32(_mm256_load_si256(a + 4), _mm256_load_si256(a + 5));
+    __m256i h67 = _mm256_hadd_epi32(_mm256_load_si256(a + 6), _mm256_load_si256(a + 7));
+    __m256i q0 = _mm256_hadd_epi32(h01, h23), q1 = _mm256_hadd_epi32(h45, h67);
+    /* q0 = [r0 r1 r2 r3 | r0 r1 r2 r3] halves, likewise q1 for rows 4-7: add the halves */
+    __m256i lo = _mm256_permute2x128_si256(q0, q1, 0x20), hi = _mm256_permute2x128_si256(q0, q1, 0x31);
+    _mm256_storeu_si256((__m256i *)(out + r), _mm256_add_epi32(lo, hi));
+  }
+#endif
+  for (; r < rows; r++) out[r] = hsum8(acc[r]);
+}
+
 /* First pass, all rows: each pair once (j > i, D = s_j - s_i >= 0 as s is sorted), counted for
    both its rows; the two thresholds' counts packed in one int (low and high 16 bits). */
 static void count_all(rm_ctx *c) {
@@ -162,6 +182,7 @@ static void count_all(rm_ctx *c) {
      store then a load that overlap unaligned would wait for the store to finish). */
   memset(c->cnt, 0, sizeof(c->cnt));
   int32_t row[N];
+  v8i *accs = c->accs;
   for (int i = 0; i < N - 1; i++) {
     v8f si = (v8f){0} + c->s[i];
     v8i acc = {0};
@@ -172,17 +193,19 @@ static void count_all(rm_ctx *c) {
       acc -= u;
       st8i(c->cnt + j, ld8i(c->cnt + j) - u);
     }
-    row[i] = hsum8(acc);
+    accs[i] = acc;
   }
-  row[N - 1] = 0;
+  accs[N - 1] = (v8i){0};
+  hsum_rows(accs, N, row);
   for (int i = 0; i < N; i++) {
     int32_t both = c->cnt[i] + row[i];
     c->ca[i] = both & 0xffff, c->cb[i] = both >> 16;
   }
 }
 
-/* Number of slopes of row i at most t_a and at most t_b (tables ba, bb and reversed ra, rb). */
-static inline void count2(const rm_ctx *c, int i, int *na, int *nb) {
+/* Slopes of row i at most t_a plus 65536 x those at most t_b, per lane (tables ba, bb and
+   reversed ra, rb). */
+static inline v8i count2(const rm_ctx *c, int i) {
   v8f si = (v8f){0} + c->s[i];
   v8i acc = {0};
   const float *sj = c->s + i + 1, *ka = c->ba + BOFF + 1, *kb = c->bb + BOFF + 1;
@@ -195,8 +218,7 @@ static inline void count2(const rm_ctx *c, int i, int *na, int *nb) {
     v8f d = si - ld8(c->s + 8 * v);
     acc -= (v8i)(d < ld8(wa + 8 * v)) + ((v8i)(d < ld8(wb + 8 * v)) << 16);
   }
-  int32_t both = hsum8(acc);
-  *na = both & 0xffff, *nb = both >> 16;
+  return acc;
 }
 
 /* About the ka-th and kb-th smallest of est[0:nc] (est padded with +inf): bisection on the
@@ -241,27 +263,6 @@ static void insertion_sort(float *a, int len) {
     for (; y >= 0 && a[y] > v; y--) a[y + 1] = a[y];
     a[y + 1] = v;
   }
-}
-
-/* The k-th smallest of a[0:len] (reorders a). */
-static float select_k(float *a, int len, int k) {
-  int lo = 0, hi = len - 1;
-  while (hi > lo) {
-    float p = a[(lo + hi) / 2];
-    int i = lo, j = hi;
-    while (i <= j) {
-      while (a[i] < p) i++;
-      while (a[j] > p) j--;
-      if (i <= j) {
-        float t = a[i];
-        a[i++] = a[j], a[j--] = t;
-      }
-    }
-    if (k <= j) hi = j;
-    else if (k >= i) lo = i;
-    else break;
-  }
-  return a[k];
 }
 
 /* Row i's median slope exactly (its two middle ranks q1 <= q2 in [cl - 1, ch]), given cl =
@@ -343,7 +344,10 @@ static int rm_slope(rm_ctx *c, float est, float *out) {
       reverse_table(c->ba + BOFF, c->ra);
       reverse_table(c->bb + BOFF, c->rb);
       TICK(3); TOCK(5);
-      for (int x = 0; x < nc; x++) count2(c, cand[x], &ca[x], &cb[x]);
+      for (int x = 0; x < nc; x++) c->accs[x] = count2(c, cand[x]);
+      int32_t both[N];
+      hsum_rows(c->accs, nc, both);
+      for (int x = 0; x < nc; x++) ca[x] = both[x] & 0xffff, cb[x] = both[x] >> 16;
       TICK(5);
     }
     TOCK(14);
@@ -477,7 +481,7 @@ int fs_rm_slope_f32(const float *s, int64_t n, int64_t c, float *out, uint8_t *u
    (a double 2^52 + integer, exact, compared as numbers). -0 and +0 tie, as in a stable sort. */
 static inline void sort_keys(v8f v, int64_t row, v4l *k0, v4l *k1) {
   v8i b = (v8i)(v + 0.0f); /* -0 -> +0 */
-  v8i u = b ^ ((b >> 31) | (v8i){0} + INT32_MIN);
+  v8i u = b ^ ((b >> 31) | ((v8i){0} + INT32_MIN));
   typedef uint32_t v8u __attribute__((vector_size(32)));
   typedef uint32_t v4u __attribute__((vector_size(16)));
   v8u w = (v8u)u;
