@@ -18,8 +18,9 @@
 
    Built with the full sorting network of n lines (see _native.py), -ffp-contract=off. */
 #include "_select.c"
-#ifdef RES_DEBUG
-#include <stdio.h>
+#include <float.h>
+#ifdef __AVX__
+#include <immintrin.h>
 #endif
 
 #if !defined(NETWORK) || !defined(NETWORK_N) || LINE_BYTES != 32
@@ -29,7 +30,7 @@
 #define N NETWORK_N
 #define NP ((N + 7) / 8 * 8) /* values padded to whole vectors (padding: NaN) */
 #define NV (NP / 8)
-#define WP (2 * NP + 8)
+#define WP (2 * NP + 8)    /* a row's window into the symmetric |i - j| table */
 #define NR (NP + 8)        /* B tables by k cover k < NR */
 #define BOFF 8             /* and k >= -BOFF (B = -inf for k <= 0: the pair never counts) */
 #ifndef P0A /* the first pass's thresholds, times the estimate (tuned on Gaussian columns) */
@@ -41,19 +42,6 @@
 #endif
 #ifndef EXACT_AT
 #define EXACT_AT 8 /* candidates left when dividing their slopes beats another counting pass */
-#endif      /* a row's window into the symmetric |i - j| tables */
-
-#ifdef __AVX__
-#include <immintrin.h>
-#endif
-#ifdef RES_PROFILE /* cycle counts per phase, for tuning (not built by _native.py) */
-#include <x86intrin.h>
-uint64_t fs_prof[16];
-#define TICK(k) (fs_prof[k] += __rdtsc())
-#define TOCK(k) (fs_prof[k] -= __rdtsc())
-#else
-#define TICK(k) ((void)0)
-#define TOCK(k) ((void)0)
 #endif
 
 typedef float v8f __attribute__((vector_size(32)));
@@ -107,7 +95,7 @@ typedef struct {
 static void b_tables(const rm_ctx *c, float ta, float tb, float *ba, float *bb) { /* at BOFF + k */
   double mida = ((double)ta + (double)next_up(ta)) * 0.5; /* t = FLT_MAX: inf, B = inf */
   double midb = ((double)tb + (double)next_up(tb)) * 0.5;
-#ifdef __AVX__
+#ifdef __AVX2__
   __m256d ma = _mm256_set1_pd(mida), mb = _mm256_set1_pd(midb);
   __m256 tav = _mm256_set1_ps(ta), tbv = _mm256_set1_ps(tb);
   __m256i one = _mm256_set1_epi32(1);
@@ -325,32 +313,23 @@ static int rm_slope(rm_ctx *c, float est, float *out) {
   for (int i = 0; i < N + 8; i++) cand[i] = i, cl[i] = 0, ch[i] = N - 1;
   float ta = est * P0A, tb = est * P0B; /* est / answer: 0.89-1.01 for 80% of Gaussian columns */
   for (int pass = 0; pass < 12 && nc > EXACT_AT; pass++) {
-    float floor_ = lo < 0 ? 0.0f : next_up(lo), roof = hi == INFINITY ? 3.0e38f : next_down(hi);
+    float floor_ = lo < 0 ? 0.0f : next_up(lo), roof = hi == INFINITY ? FLT_MAX : next_down(hi);
     if (hi == 0.0f || floor_ > roof) break; /* no float strictly inside: exact from here */
     if (!(ta >= floor_)) ta = floor_;       /* also catches NaN */
     if (!(ta <= roof)) ta = roof;
     if (!(tb >= ta)) tb = ta;
     if (!(tb <= roof)) tb = roof;
-#ifdef RES_PROFILE
-    fs_prof[8]++, fs_prof[9] += nc;
-#endif
-    TOCK(3);
     b_tables(c, ta, tb, c->ba, c->bb);
     if (pass == 0) {
-      TICK(3); TOCK(4);
       count_all(c); /* by row = by candidate position */
-      TICK(4);
     } else {
       reverse_table(c->ba + BOFF, c->ra);
       reverse_table(c->bb + BOFF, c->rb);
-      TICK(3); TOCK(5);
       for (int x = 0; x < nc; x++) c->accs[x] = count2(c, cand[x]);
       int32_t both[N];
       hsum_rows(c->accs, nc, both);
       for (int x = 0; x < nc; x++) ca[x] = both[x] & 0xffff, cb[x] = both[x] >> 16;
-      TICK(5);
     }
-    TOCK(14);
     for (int x = nc; x < nc + 8; x++) ca[x] = cb[x] = 0; /* padding: neither below nor uncertain */
     v8i vsa = {0}, vua = {0}, vsb = {0}, vub = {0}; /* surely <= t, uncertain (odd n) */
     for (int x = 0; x < nc; x += 8) {
@@ -365,7 +344,7 @@ static int rm_slope(rm_ctx *c, float est, float *out) {
     else if (below + sa + ua <= r1) new_lo = 1;
     if (below + sa >= r2 + 1) new_hi = 1;
     else if (below + sb >= r2 + 1) new_hi = 2;
-    if (!new_lo && !new_hi) { TICK(14); break; } /* both between the middle ranks: exact from here */
+    if (!new_lo && !new_hi) break; /* both between the middle ranks: exact from here */
     /* Keep the rows whose median may lie in the new (lo, hi], 8 at a time, packed by a table
        of permutations (the outcomes are coin flips: branches would mispredict). */
     const int *lo_by = new_lo == 1 ? ca : new_lo == 2 ? cb : cl;
@@ -393,15 +372,10 @@ static int rm_slope(rm_ctx *c, float est, float *out) {
       memcpy(c->est + keep, &pe, 32);
       keep += __builtin_popcount(m);
     }
-    TICK(14);
     float lo2 = new_lo == 1 ? ta : new_lo == 2 ? tb : lo, hi2 = new_hi == 1 ? ta : new_hi == 2 ? tb : hi;
-#ifdef RES_DEBUG
-    fprintf(stderr, "pass %d ta %.6g tb %.6g sa %d sb %d new %d/%d -> nc %d below %d\n", pass, ta, tb, sa, sb, new_lo, new_hi, keep, below);
-#endif
     int progress = keep < nc || lo2 != lo || hi2 != hi;
     nc = keep, lo = lo2, hi = hi2;
     if (!progress || nc <= EXACT_AT) break;
-    TOCK(7);
     /* Next thresholds: the candidates' estimated medians a little outside the wanted ranks. */
     int mg = 1 + nc / MGDIV, ka = r1 - below - mg, kb = r2 - below + mg;
     ka = ka < 0 ? 0 : ka, kb = kb > nc - 1 ? nc - 1 : kb;
@@ -412,13 +386,8 @@ static int rm_slope(rm_ctx *c, float est, float *out) {
       float span = hi - lo, fa = (float)(r1 - below - mg) / nc, fb = (float)(r2 + 1 - below + mg) / nc;
       ta = lo + span * (fa < 0 ? 0 : fa), tb = lo + span * (fb > 1 ? 1 : fb);
     }
-    TICK(7);
   }
-#ifdef RES_PROFILE
-  fs_prof[10] += nc, fs_prof[11]++;
-#endif
   /* The candidates' medians exactly, then the r1-th and r2-th of all n. */
-  TOCK(12);
   int under = 0, over = 0; /* candidates that still fall <= lo or > hi (odd n only) */
   for (int x = 0; x < nc; x++) {
     float m = row_median(c, cand[x], lo, hi, cl[x], ch[x], q1, q2);
@@ -428,7 +397,6 @@ static int rm_slope(rm_ctx *c, float est, float *out) {
   }
   if (r1 < below + under || r2 >= below + nc - over) return 1;
   insertion_sort(c->exact, nc);
-  TICK(12);
   float a = c->exact[r1 - below], b = c->exact[r2 - below];
   *out = r1 == r2 ? a : (a + b) / 2;
   return 0;
@@ -532,7 +500,6 @@ int fs_residual_f32(const float *x, int64_t ld, int64_t n, int64_t c, const floa
     }
     int ok[8];
     for (int l = 0; l < 8; l++) ok[l] = l < w && fin[l];
-    TOCK(0);
     /* Stable sort with ranks: 4 columns per sort of exact double keys (value, row). */
     for (int i = 0; i < N; i++) {
       v8f v = ld8(y[i]);
@@ -549,7 +516,6 @@ int fs_residual_f32(const float *x, int64_t ld, int64_t n, int64_t c, const floa
           rank[row][half * 4 + l] = (float)r;
         }
     }
-    TICK(0); TOCK(1);
     float slope[8], icpt[8];
     for (int l = 0; l < 8; l++) {
       slope[l] = icpt[l] = 0;
@@ -562,7 +528,6 @@ int fs_residual_f32(const float *x, int64_t ld, int64_t n, int64_t c, const floa
       half_run = half_run / 2;
       slope[l] = sl, icpt[l] = med - half_run;
     }
-    TICK(1); TOCK(2);
     v8f sv = ld8(slope), iv = ld8(icpt);
     for (int i = 0; i < N; i++) {
       v8f prod = sv * ld8(rank[i]);
@@ -626,7 +591,6 @@ int fs_residual_f32(const float *x, int64_t ld, int64_t n, int64_t c, const floa
         }
       }
     }
-    TICK(2);
   }
   *nfix = count;
   free(stage);
