@@ -239,7 +239,7 @@ def residual(x, w, *, state=None, chunk=None, lam=2.0, thresh=0.05) -> AggResult
     """
     n, d = x.shape
     kernel = rule_kernel(x, lam, thresh)
-    # The compiled kernel keeps nothing per column: longer blocks only save calls.
+    # The compiled kernel keeps nothing per column: longer blocks (2,048 columns) only save calls.
     width = block_columns(n, chunk, per_column=n * n if kernel is None else 512, device=x.device)
     a = x.detach().numpy() if kernel is not None else None
 
@@ -273,12 +273,14 @@ def residual(x, w, *, state=None, chunk=None, lam=2.0, thresh=0.05) -> AggResult
     # CPU spans run on all cores (numpy and the compiled slopes release the GIL); GPU ones in
     # order. Each span's small torch ops run on one thread: joining torch's own threads for every
     # op on a (104, n) block, beside the spans' threads, made the rule 2x slower on 2 busy cores.
+    # The compiled kernel's blocks are long already: spans of 8 share the work out finely.
+    span = width * (64 if kernel is None else 8)
     if numpy_kernels(x):
         threads = torch.get_num_threads()
         with one_thread():
-            parts = map_blocks(d, width * 64, work, threads=threads)
+            parts = map_blocks(d, span, work, threads=threads)
     else:
-        parts = map_blocks(d, width * 64, work, threads=1)
+        parts = map_blocks(d, span, work, threads=1)
     confidence = sum(p[0] for p in parts)
     replaced = sum(p[1] for p in parts)
     fixes = [fix for p in parts for fix in p[2]]
