@@ -14,6 +14,10 @@ in the fedsafe cache under a name that hashes the source, the network, the flags
 (``-march=native`` code never meets another CPU). Without a compiler, or with
 ``FEDSAFE_NATIVE=0``, :func:`kernel` returns None and the rules use the numpy kernel; the
 results are the same either way (tested).
+
+``_residual.c`` (which includes ``_select.c``, for the full sorting network of n lines) runs the
+whole residual rule on float32 columns; see residual.py. It is built with ``-ffp-contract=off``:
+its float32 steps must round exactly as torch's do.
 """
 
 from __future__ import annotations
