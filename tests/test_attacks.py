@@ -175,6 +175,26 @@ def test_refused_while_the_engine_is_built_leaves_no_run_directory(tmp_path, cap
     assert [p.name for p in tmp_path.iterdir()] == ["empty"]
 
 
+def test_refused_overwrite_keeps_the_old_run(tmp_path, capsys):
+    """`--overwrite` with a config the engine refuses: the run it would replace is still there, whole;
+    with a config that starts, the old files are gone and nothing is left beside the new run."""
+    from fedsafe.cli import main
+
+    old = tmp_path / "run"
+    (old / "eval").mkdir(parents=True)
+    (old / "results.json").write_text('{"old": true}')
+    (old / "eval" / "responses.jsonl").write_text("{}\n")
+    refused = ["run", "tiny", "attack.behaviour=alie", "attack.knowledge=estimate", "attack.ref_updates=100000",
+               "fl.rounds=1", "--no-eval", "-q", "--overwrite", "--run-dir", str(old)]
+    assert main(refused) == 2
+    assert "benign-looking reference sets" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    assert (old / "results.json").read_text() == '{"old": true}' and (old / "eval" / "responses.jsonl").exists()
+    assert main(["run", "tiny", "fl.rounds=1", "--no-eval", "-q", "--overwrite", "--run-dir", str(old)]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    assert not (old / "results.json").exists() and (old / "final_adapter").is_dir()
+
+
 @pytest.mark.parametrize("behaviour, knowledge", [("alie", "omniscient"), ("stealthy", "estimate")])
 def test_engine_crafts_the_malicious_update(tmp_path, behaviour, knowledge):
     from fedsafe.pipeline import build_engine

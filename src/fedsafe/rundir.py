@@ -14,6 +14,7 @@ This module sits just above ``config`` and ``data``: every room that reads or wr
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import time
@@ -73,16 +74,25 @@ def new_run_dir(cfg: RunConfig, run_dir: str | Path | None = None, overwrite: bo
 def set_up_run_dir(cfg: RunConfig, run_dir: str | Path | None = None, overwrite: bool = False) -> Iterator[Path]:
     """:func:`new_run_dir` for the set-up of a run that may still be refused (e.g. a config the engine
     cannot build): if the ``with`` body raises, the directories this call created are removed again, and
-    a directory that existed (empty) before is emptied, so a refused start leaves nothing behind."""
+    a directory that existed (empty) before is emptied, so a refused start leaves nothing behind; a run
+    that ``overwrite`` would replace is restored as it was (it is deleted only once the body succeeds)."""
     target = Path(run_dir) if run_dir is not None else Path(cfg.output_dir)
     created = _first_missing(target)
-    d = new_run_dir(cfg, run_dir, overwrite)
+    # --overwrite replaces the old run only once the new one has started: until then it waits beside it
+    old = _move_aside(target) if overwrite and run_dir is not None else None
+    try:
+        d = new_run_dir(cfg, run_dir, overwrite)
+    except BaseException:
+        _put_back(old, target)
+        raise
     if created is None and run_dir is None:  # output_dir existed: the stamped directory is new
         created = d
     try:
         yield d
     except BaseException:
-        if created is not None:
+        if old is not None:
+            _put_back(old, d)
+        elif created is not None:
             shutil.rmtree(created, ignore_errors=True)
         else:
             for p in d.iterdir():
@@ -91,6 +101,27 @@ def set_up_run_dir(cfg: RunConfig, run_dir: str | Path | None = None, overwrite:
                 else:
                     p.unlink(missing_ok=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _move_aside(d: Path) -> Path | None:
+    """Rename a non-empty directory ``d`` to a hidden sibling (same file system: an atomic rename) and
+    return the new name; None when there is nothing to keep (missing, empty, or not a directory)."""
+    if d.is_symlink() or not d.is_dir() or not any(d.iterdir()):
+        return None
+    aside = d.with_name(f".{d.name}.replaced-{os.getpid()}")
+    shutil.rmtree(aside, ignore_errors=True)  # left by a process that died with this pid
+    d.rename(aside)
+    return aside
+
+
+def _put_back(aside: Path | None, d: Path) -> None:
+    """Undo :func:`_move_aside`: drop what the refused start wrote in ``d`` and restore the old run."""
+    if aside is None:
+        return
+    shutil.rmtree(d, ignore_errors=True)
+    aside.rename(d)
 
 
 def _first_missing(path: Path) -> Path | None:
