@@ -75,11 +75,12 @@ WHY_SLOW = {
         "9-45x). Fewer would need a smaller network, a GPU sort or an approximate median"
     ),
     "residual": (
-        "O(n^2) work per coordinate: n(n-1)/2 divisions and n medians of n - 1 slopes (compiled "
-        "sorting networks since 2026-11-30: ~6.5 us per coordinate at n = 100 on one core, 7x the "
-        "numpy sort) plus the O(n log n) rest in torch (~9 us). 30x a pass leaves ~1 us per "
-        "coordinate per core, less than the divisions alone: it needs an O(n log n) repeated "
-        "median (e.g. Matousek-Mount-Netanyahu's randomized one), not implemented"
+        "O(n^2) compares per coordinate: since 2026-11-30 the whole rule is compiled "
+        "(`_residual.c`) with an exact repeated median that counts slopes under thresholds "
+        "instead of dividing and sorting them (~3.7 us per coordinate at n = 100 on one core, "
+        "was ~22); its first counting pass over the n(n-1)/2 pairs, the stable sort with ranks "
+        "and the rest of the rule alone take most of the ~1.8 us per coordinate per core that "
+        "30x allows (see `bench_coordinatewise.py`)"
     ),
     "two_pass": (
         "two dependent passes over the data (per-client norms, dots or distances, then the "

@@ -14,6 +14,10 @@ in the fedsafe cache under a name that hashes the source, the network, the flags
 (``-march=native`` code never meets another CPU). Without a compiler, or with
 ``FEDSAFE_NATIVE=0``, :func:`kernel` returns None and the rules use the numpy kernel; the
 results are the same either way (tested).
+
+``_residual.c`` (which includes ``_select.c``, for the full sorting network of n lines) runs the
+whole residual rule on float32 columns; see residual.py. It is built with ``-ffp-contract=off``:
+its float32 steps must round exactly as torch's do.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from fedsafe.assets import cache_dir
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("_select.c")
+RESIDUAL_SOURCE = Path(__file__).with_name("_residual.c")  # includes _select.c
 # -fno-strict-aliasing: the kernel reads the SIMD lines it sorted as plain arrays of numbers.
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-strict-aliasing", "-shared", "-fPIC")
 # Above this many clients the straight-line network takes long to compile (~n log^2 n lines).
@@ -55,9 +60,10 @@ def _cpu_tag() -> str:
     return f"{platform.machine()} {platform.system()} {flags}"
 
 
-def _build(name: str, network: str | None, defines: tuple[str, ...]) -> ctypes.CDLL:
-    """Compile ``_select.c`` (with a generated network, if given) once; load the shared object."""
-    source = SOURCE.read_bytes()
+def _build(name: str, network: str | None, defines: tuple[str, ...], main: Path = SOURCE) -> ctypes.CDLL:
+    """Compile ``main`` (``_select.c`` or a file including it, with a generated network, if given)
+    once; load the shared object."""
+    source = SOURCE.read_bytes() + (b"" if main == SOURCE else main.read_bytes())
     tag = b"\0".join([source, (network or "").encode(), " ".join(FLAGS + defines).encode(), _cpu_tag().encode()])
     target = cache_dir() / "kernels" / f"{name}-{hashlib.sha256(tag).hexdigest()[:16]}.so"
     if not target.exists():
@@ -73,7 +79,7 @@ def _build(name: str, network: str | None, defines: tuple[str, ...]) -> ctypes.C
                 header.write_text(network)
                 args.append(f'-DNETWORK="{header}"')
             # The source is compiled where it lies: it includes itself by its own path.
-            cmd = [compiler, *FLAGS, *args, str(SOURCE.resolve()), "-o", str(out)]
+            cmd = [compiler, *FLAGS, *args, str(main.resolve()), "-o", str(out)]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
                 raise OSError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
@@ -86,6 +92,12 @@ def _build(name: str, network: str | None, defines: tuple[str, ...]) -> ctypes.C
     for fn in (lib.fs_window_f32_slopes, lib.fs_window_f64_slopes):
         fn.argtypes = [p, i64, i64, p, i64, p]
         fn.restype = ctypes.c_int
+    if main == RESIDUAL_SOURCE:
+        f32 = ctypes.c_float
+        lib.fs_residual_f32.argtypes = [p, i64, i64, i64, p, f32, f32, f32, f32, p, p, p, p, p, p]
+        lib.fs_residual_f32.restype = ctypes.c_int
+        lib.fs_rm_slope_f32.argtypes = [p, i64, i64, p, p]
+        lib.fs_rm_slope_f32.restype = ctypes.c_int
     return lib
 
 
@@ -117,6 +129,35 @@ def _cached_library(n: int, keep: tuple[int, ...]) -> ctypes.CDLL | None:
     except OSError as exc:  # no compiler, read-only cache, ...: the numpy kernel does the work
         log.warning("fedsafe: compiled coordinate-wise kernel unavailable (%s); using numpy", exc)
         return None
+
+
+@functools.cache
+def _cached_residual_library(n: int) -> ctypes.CDLL | None:
+    if os.environ.get("FEDSAFE_NATIVE", "1") == "0":
+        return None
+    try:
+        code = _straight_line(n, network(n, tuple(range(n))))
+        # No fused multiply-adds: the rule's float32 steps must round as torch's do.
+        defines = (f"-DNETWORK_N={n}", "-DLINE_BYTES=32", "-ffp-contract=off")
+        return _build(f"residual-n{n}", code, defines, RESIDUAL_SOURCE)
+    except OSError as exc:
+        log.warning("fedsafe: compiled residual kernel unavailable (%s); using the torch code", exc)
+        return None
+
+
+def residual_library(n: int) -> ctypes.CDLL | None:
+    """``_residual.c`` built for ``n`` clients: ``fs_residual_f32`` (the whole rule on float32
+    columns) and ``fs_rm_slope_f32`` (the repeated-median slope alone, for tests), or None."""
+    if not 3 <= n <= MAX_UNROLLED:
+        return None
+    with _BUILDING:
+        return _cached_residual_library(n)
+
+
+def residual_kernel(n: int):
+    """The compiled whole residual rule for ``n`` float32 rows (``_residual.c``), or None."""
+    lib = residual_library(n)
+    return None if lib is None else lib.fs_residual_f32
 
 
 def kernel(dtype: np.dtype, n: int, keep: tuple[int, ...]):
