@@ -40,6 +40,9 @@
 #ifndef MGDIV /* margin in ranks around the wanted medians: 1 + candidates / MGDIV */
 #define MGDIV 12
 #endif
+#ifndef EXT_MIN
+#define EXT_MIN 0.03f
+#endif
 #ifndef EXACT_AT
 #define EXACT_AT 8 /* candidates left when dividing their slopes beats another counting pass */
 #endif
@@ -86,7 +89,7 @@ typedef struct {
   _Alignas(32) int32_t cand[N + 16], cntlo[N + 16], cnthi[N + 16], ca[N + 16], cb[N + 16];
   _Alignas(32) int32_t pack[256 * 8]; /* pack[8 m:]: the lanes set in m first, for packing */
   _Alignas(32) float est[N + 16];
-  float exact[N], tmp[N + 24];
+  float exact[N + 8], tmp[N + 24];
 } rm_ctx;
 
 /* B_k(t) for k = 1 .. NR + 15 (k <= 0: -inf, so no pair j <= i counts), for two thresholds
@@ -244,13 +247,23 @@ static void pick2(const float *est, int nc, int ka, int kb, float *ta, float *tb
   *ta = ahi, *tb = bhi;
 }
 
-static void insertion_sort(float *a, int len) {
-  for (int x = 1; x < len; x++) {
-    float v = a[x];
-    int y = x - 1;
-    for (; y >= 0 && a[y] > v; y--) a[y + 1] = a[y];
-    a[y + 1] = v;
+/* The ka-th and kb-th smallest (0 <= ka, kb < len) of v[0:len] (room for 8 more): the largest
+   x whose count of values below it is at most the rank, counted 8 x at a time with no branches
+   (a sort of these few values mispredicts). */
+static void kth2(float *v, int len, int ka, int kb, float *a, float *b) {
+  v8f inf = (v8f){0} + INFINITY, ma = -inf, mb = -inf;
+  memcpy(v + len, &inf, 32);
+  for (int xv = 0; xv < len; xv += 8) {
+    v8f x = ld8(v + xv);
+    v8i lt = {0};
+    for (int y = 0; y < len; y++) lt -= (v8i)((v8f){0} + v[y] < x);
+    v8i ia = lt <= ka, ib = lt <= kb;
+    ia &= (v8i)(x > ma), ib &= (v8i)(x > mb); /* the running maxima of the qualifying x */
+    ma = (v8f)((ia & (v8i)x) | (~ia & (v8i)ma)), mb = (v8f)((ib & (v8i)x) | (~ib & (v8i)mb));
   }
+  float ra = ma[0], rb = mb[0];
+  for (int l = 1; l < 8; l++) ra = ma[l] > ra ? ma[l] : ra, rb = mb[l] > rb ? mb[l] : rb;
+  *a = ra, *b = rb;
 }
 
 /* Row i's median slope exactly (its two middle ranks q1 <= q2 in [cl - 1, ch]), given cl =
@@ -277,26 +290,11 @@ static float row_median(rm_ctx *c, int i, float lo, float hi, int cl, int ch, in
   if (len != ch - cl) return NAN;
   float u = under[0], o = over[0];
   for (int l = 1; l < 8; l++) u = under[l] > u ? under[l] : u, o = over[l] < o ? over[l] : o;
+  int ka = q1 - cl, kb = q2 - cl; /* ranks in tmp; -1 is u (the largest <= lo), len is o */
   float a, b;
-  if (len <= 12) {
-    insertion_sort(tmp, len);
-    tmp[-1] = u, tmp[len] = o;
-    a = tmp[q1 - cl], b = tmp[q2 - cl]; /* rank cl - 1 is tmp[-1], rank ch is tmp[len] */
-  } else { /* k-th smallest = the largest x with #{y < x} <= k, by vector counts */
-    for (int x = len; x < len + 8; x++) tmp[x] = INFINITY;
-    int ka = q1 - cl, kb = q2 - cl;
-    a = b = -INFINITY;
-    for (int x = 0; x < len; x++) {
-      v8f e = (v8f){0} + tmp[x];
-      v8i acc = {0};
-      for (int v = 0; v < len; v += 8) acc -= (v8i)(ld8(tmp + v) < e);
-      int lt = hsum8(acc);
-      float ea = lt <= ka ? tmp[x] : -INFINITY, eb = lt <= kb ? tmp[x] : -INFINITY;
-      a = a > ea ? a : ea, b = b > eb ? b : eb;
-    }
-    if (ka < 0) a = u;
-    if (kb >= len) b = o;
-  }
+  kth2(tmp, len, ka < 0 ? 0 : ka, kb < 0 ? 0 : kb, &a, &b);
+  a = ka < 0 ? u : ka >= len ? o : a;
+  b = kb < 0 ? u : kb >= len ? o : b;
   return q1 == q2 ? a : (a + b) / 2;
 }
 
@@ -312,6 +310,7 @@ static int rm_slope(rm_ctx *c, float est, float *out) {
   int *cand = c->cand, *cl = c->cntlo, *ch = c->cnthi, *ca = c->ca, *cb = c->cb;
   for (int i = 0; i < N + 8; i++) cand[i] = i, cl[i] = 0, ch[i] = N - 1;
   float ta = est * P0A, tb = est * P0B; /* est / answer: 0.89-1.01 for 80% of Gaussian columns */
+  float step = 0.08f; /* relative step while one side of the bracket is open */
   for (int pass = 0; pass < 12 && nc > EXACT_AT; pass++) {
     float floor_ = lo < 0 ? 0.0f : next_up(lo), roof = hi == INFINITY ? FLT_MAX : next_down(hi);
     if (hi == 0.0f || floor_ > roof) break; /* no float strictly inside: exact from here */
@@ -350,6 +349,9 @@ static int rm_slope(rm_ctx *c, float est, float *out) {
     const int *lo_by = new_lo == 1 ? ca : new_lo == 2 ? cb : cl;
     const int *hi_by = new_hi == 1 ? ca : new_hi == 2 ? cb : ch;
     v8f vta = (v8f){0} + ta, vspan = (v8f){0} + (tb - ta), vq = (v8f){0} + qmid;
+    /* Rows beyond both thresholds: a step of at least EXT_MIN of the threshold (tb may equal ta). */
+    float ext = tb - ta > tb * EXT_MIN ? tb - ta : tb * EXT_MIN;
+    v8f vtb = (v8f){0} + tb, vext = (v8f){0} + ext;
     int keep = 0;
     for (int x = 0; x < nc; x += 8) {
       v8i vl = ld8i(lo_by + x), vh = ld8i(hi_by + x), va = ld8i(ca + x), vb = ld8i(cb + x);
@@ -361,7 +363,7 @@ static int rm_slope(rm_ctx *c, float est, float *out) {
       v8i inside = vb > va;
       v8f den = (v8f)((inside & (v8i)(fb - fa)) | (~inside & (v8i)((v8f){0} + 1.0f)));
       v8f e = vta + vspan * ((vq - fa) / den);
-      v8f outside = (v8f)((v8i)(fa > vq) & (v8i)(vta - vspan)) + (v8f)(~(v8i)(fa > vq) & (v8i)(vta + vspan + vspan));
+      v8f outside = (v8f)((v8i)(fa > vq) & (v8i)(vta - vext)) + (v8f)(~(v8i)(fa > vq) & (v8i)(vtb + vext));
       e = (v8f)((inside & (v8i)e) | (~inside & (v8i)outside));
       unsigned m = (unsigned)mask8(~gone);
       v8i perm = ld8i(c->pack + 8 * m);
@@ -373,7 +375,9 @@ static int rm_slope(rm_ctx *c, float est, float *out) {
       keep += __builtin_popcount(m);
     }
     float lo2 = new_lo == 1 ? ta : new_lo == 2 ? tb : lo, hi2 = new_hi == 1 ? ta : new_hi == 2 ? tb : hi;
-    int progress = keep < nc || lo2 != lo || hi2 != hi;
+    /* A two-sided bracket that lost no candidate only crept (its thresholds were clamped to
+       it): dividing is cheaper than creeping on. */
+    int progress = keep < nc || ((lo2 != lo || hi2 != hi) && (lo < 0 || hi == INFINITY));
     nc = keep, lo = lo2, hi = hi2;
     if (!progress || nc <= EXACT_AT) break;
     /* Next thresholds: the candidates' estimated medians a little outside the wanted ranks. */
@@ -385,6 +389,10 @@ static int rm_slope(rm_ctx *c, float est, float *out) {
     if (hi != INFINITY && lo >= 0 && !(ta > lo && tb < hi)) { /* estimates outside: interpolate */
       float span = hi - lo, fa = (float)(r1 - below - mg) / nc, fb = (float)(r2 + 1 - below + mg) / nc;
       ta = lo + span * (fa < 0 ? 0 : fa), tb = lo + span * (fb > 1 ? 1 : fb);
+    } else if (lo < 0 && !(tb < hi)) { /* no lower bound yet: step down from hi, further each time */
+      ta = hi * (1 - step), tb = hi * (1 - step / 4), step *= 2;
+    } else if (hi == INFINITY && !(ta > lo)) { /* no upper bound yet: step up from lo */
+      ta = lo * (1 + step / 4), tb = lo * (1 + step), step *= 2;
     }
   }
   /* The candidates' medians exactly, then the r1-th and r2-th of all n. */
@@ -396,8 +404,8 @@ static int rm_slope(rm_ctx *c, float est, float *out) {
     under += m <= lo, over += m > hi;
   }
   if (r1 < below + under || r2 >= below + nc - over) return 1;
-  insertion_sort(c->exact, nc);
-  float a = c->exact[r1 - below], b = c->exact[r2 - below];
+  float a, b;
+  kth2(c->exact, nc, r1 - below, r2 - below, &a, &b);
   *out = r1 == r2 ? a : (a + b) / 2;
   return 0;
 }
