@@ -44,7 +44,7 @@
 #define EXT_MIN 0.03f
 #endif
 #ifndef EXACT_AT
-#define EXACT_AT 8 /* candidates left when dividing their slopes beats another counting pass */
+#define EXACT_AT 12 /* candidates left when dividing their slopes beats another counting pass */
 #endif
 
 typedef float v8f __attribute__((vector_size(32)));
@@ -452,6 +452,16 @@ int fs_rm_slope_f32(const float *s, int64_t n, int64_t c, float *out, uint8_t *u
   return 0;
 }
 
+/* Byte r bit c -> byte c bit r (Hacker's Delight, 7-7). */
+static inline uint64_t transpose8x8(uint64_t x) {
+  uint64_t t = (x ^ (x >> 7)) & 0x00AA00AA00AA00AAULL;
+  x ^= t ^ (t << 7);
+  t = (x ^ (x >> 14)) & 0x0000CCCC0000CCCCULL;
+  x ^= t ^ (t << 14);
+  t = (x ^ (x >> 28)) & 0x00000000F0F0F0F0ULL;
+  return x ^ t ^ (t << 28);
+}
+
 /* Sort keys of 8 finite float32 values of one row, as two vectors of 4 doubles whose order is
    (value, row): the value's order-preserving bits above the row, under the exponent of 2^52
    (a double 2^52 + integer, exact, compared as numbers). -0 and +0 tie, as in a stable sort. */
@@ -479,7 +489,7 @@ int fs_residual_f32(const float *x, int64_t ld, int64_t n, int64_t c, const floa
   if (n != N || N > 511) return 2;
   rm_ctx *ctx = new_ctx();
   if (!ctx) return 1;
-  _Alignas(32) float y[N][8], rank[N][8], res[N][8], ar[N][8], sorted[N][8];
+  _Alignas(32) float y[N][8], rank[N][8], hr[N][8], res[N][8], ar[N][8], sorted[8][N];
   _Alignas(32) int64_t key[N][4], key2[N][4];
   /* Rows are copied a panel of PANEL columns at a time (sequential reads; rows of x are often
      2^k bytes apart, which maps a tile's rows all to one cache set), row stride SP. */
@@ -520,15 +530,16 @@ int fs_residual_f32(const float *x, int64_t ld, int64_t n, int64_t c, const floa
       for (int r = 0; r < N; r++)
         for (int l = 0; l < 4; l++) {
           int row = (int)(kv[r][l] & 511);
-          sorted[r][half * 4 + l] = y[row][half * 4 + l];
+          sorted[half * 4 + l][r] = y[row][half * 4 + l]; /* by column: copied whole below */
           rank[row][half * 4 + l] = (float)r;
+          hr[row][half * 4 + l] = h[r]; /* the leverage root of the row's rank */
         }
     }
     float slope[8], icpt[8];
     for (int l = 0; l < 8; l++) {
       slope[l] = icpt[l] = 0;
       if (!ok[l]) continue;
-      for (int r = 0; r < N; r++) ctx->s[r] = sorted[r][l];
+      memcpy(ctx->s, sorted[l], sizeof(sorted[l]));
       float sl;
       if (column_slope(ctx, &sl)) { ok[l] = 0; continue; }
       float med = (N % 2) ? ctx->s[(N - 1) / 2] : (ctx->s[(N - 1) / 2] + ctx->s[N / 2]) / 2;
@@ -554,9 +565,9 @@ int fs_residual_f32(const float *x, int64_t ld, int64_t n, int64_t c, const floa
     _Alignas(32) float rw[N][8];
     v4d sum0 = {0}, sum1 = {0}, sq0 = {0}, sq1 = {0}; /* per column, in double, lanes 0-3 and 4-7 */
     v8f below = {0}; /* columns with any reweight below thresh */
+    uint8_t lowbits[NP] = {0}; /* bit l of row i: its reweight in column l is below thresh */
     for (int i = 0; i < N; i++) {
-      v8f hv;
-      for (int l = 0; l < 8; l++) hv[l] = h[(int)rank[i][l]];
+      v8f hv = ld8(hr[i]);
       v8f z = ld8(res[i]) / scale;
       z = z / hv;
       v8f inv = 1.0f / abs8(z);
@@ -564,7 +575,9 @@ int fs_residual_f32(const float *x, int64_t ld, int64_t n, int64_t c, const floa
       v8i lt = (v8i)(r < 1.0f); /* torch's clamp(max=1); r is never NaN here */
       r = (v8f)((lt & (v8i)r) | (~lt & (v8i)((v8f){0} + 1.0f)));
       memcpy(rw[i], &r, 32);
-      below = (v8f)((v8i)below | (v8i)(r < thr));
+      v8i lo_r = (v8i)(r < thr);
+      below = (v8f)((v8i)below | lo_r);
+      lowbits[i] = (uint8_t)mask8(lo_r);
       sum0 += __builtin_convertvector((v4f){r[0], r[1], r[2], r[3]}, v4d);
       sum1 += __builtin_convertvector((v4f){r[4], r[5], r[6], r[7]}, v4d);
     }
@@ -587,17 +600,24 @@ int fs_residual_f32(const float *x, int64_t ld, int64_t n, int64_t c, const floa
       p0 += p1;
       conf[i] += (p0[0] + p0[2]) + (p0[1] + p0[3]);
     }
+    /* The rows below thresh by column (8 x 8 bit blocks transposed): visiting only those
+       leaves no data-dependent branch per value (they mispredicted). */
+    uint64_t bycol[NV];
+    for (int g = 0; g < NV; g++) {
+      uint64_t b;
+      memcpy(&b, lowbits + 8 * g, 8);
+      bycol[g] = transpose8x8(b);
+    }
     for (int l = 0; l < w; l++) { /* column by column: the order of torch's nonzero() */
       if (!ok[l] || !((v8i)below)[l]) continue;
-      for (int i = 0; i < N; i++) {
-        float r = rw[i][l];
-        if (r < thr) {
+      for (int g = 0; g < NV; g++)
+        for (unsigned m = (unsigned)(bycol[g] >> (8 * l)) & 255; m; m &= m - 1) {
+          int i = 8 * g + __builtin_ctz(m);
           float line = icpt[l] + slope[l] * rank[i][l];
           replaced[i]++;
           fix_at[count] = (j0 + l) * N + i;
           fix_val[count++] = line - y[i][l];
         }
-      }
     }
   }
   *nfix = count;
