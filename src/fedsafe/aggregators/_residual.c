@@ -384,7 +384,8 @@ static int rm_slope(rm_ctx *c, float est, float *out) {
     int mg = 1 + nc / MGDIV, ka = r1 - below - mg, kb = r2 - below + mg;
     ka = ka < 0 ? 0 : ka, kb = kb > nc - 1 ? nc - 1 : kb;
     for (int x = nc; x < nc + 8; x++) c->est[x] = INFINITY;
-    pick2(c->est, nc, ka, kb, &ta, &tb);
+    if (nc <= 40) kth2(c->est, nc, ka, kb, &ta, &tb); /* exact, and cheaper for few */
+    else pick2(c->est, nc, ka, kb, &ta, &tb);
     ta = ta - (tb - ta) * 0.05f, tb = tb + (tb - ta) * 0.05f;
     if (hi != INFINITY && lo >= 0 && !(ta > lo && tb < hi)) { /* estimates outside: interpolate */
       float span = hi - lo, fa = (float)(r1 - below - mg) / nc, fb = (float)(r2 + 1 - below + mg) / nc;
