@@ -85,6 +85,22 @@ def test_repeated_median_equals_numpy_bit_for_bit(n):
     np.testing.assert_array_equal(got, want)
 
 
+@needs_compiler
+@pytest.mark.parametrize("n", [100, 101])
+def test_repeated_median_equals_numpy_on_many_columns(n):
+    # Hundreds of columns per shape walk the narrowing through its branches: brackets open on
+    # one side that must step out, brackets that stop shrinking, thresholds from exact order
+    # statistics of few candidates, exact rows with ranks at the window's ends (odd n).
+    rng = np.random.default_rng(n)
+    shapes = [rng.standard_normal((200, n)), rng.standard_t(2, (200, n)), rng.exponential(1.0, (200, n)),
+              rng.uniform(-1, 1, (200, n)), rng.lognormal(0, 2, (200, n)),
+              rng.standard_normal((200, n)) + np.where(rng.random((200, n)) < 0.2, 40.0, 0.0)]
+    s = np.ascontiguousarray(np.sort(np.concatenate(shapes).astype(np.float32), axis=1))
+    got, unclear = compiled_slopes(s)
+    assert not unclear.any(), np.flatnonzero(unclear)
+    np.testing.assert_array_equal(got, numpy_repeated_median(s))
+
+
 def compiled_vs_torch(x: torch.Tensor, thresh: float):
     """The compiled block and the torch block on the columns the kernel settled."""
     kernel = _native.residual_kernel(x.shape[0])
