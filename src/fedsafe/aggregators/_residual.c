@@ -272,29 +272,33 @@ static void kth2(float *v, int len, int ka, int kb, float *a, float *b) {
    to the caller). */
 static float row_median(rm_ctx *c, int i, float lo, float hi, int cl, int ch, int q1, int q2) {
   v8f si = (v8f){0} + c->s[i], lov = (v8f){0} + lo, hiv = (v8f){0} + hi;
-  v8f under = (v8f){0} - INFINITY, over = (v8f){0} + INFINITY;
   const float *kw = c->kw + (N - 1 - i);
-  float *tmp = c->tmp + 1; /* tmp[0]: the largest slope <= lo; tmp[len + 1]: the smallest > hi */
+  float *tmp = c->tmp;
   int len = 0;
-  for (int v = 0; v < NV; v++) {
+  for (int v = 0; v < NV; v++) { /* the slopes in (lo, hi], packed */
     v8f sl = abs8(ld8(c->s + 8 * v) - si) / ld8(kw + 8 * v); /* self: 0/0 = NaN, padding NaN */
-    v8i le = (v8i)(sl <= lov), gt = (v8i)(sl > hiv), in = (v8i)(sl > lov) & (v8i)(sl <= hiv);
-    le &= (v8i)(sl > under), gt &= (v8i)(sl < over); /* NaN compares false: never taken */
-    under = (v8f)((le & (v8i)sl) | (~le & (v8i)under));
-    over = (v8f)((gt & (v8i)sl) | (~gt & (v8i)over));
-    unsigned bits = (unsigned)mask8(in);
+    unsigned bits = (unsigned)mask8((v8i)(sl > lov) & (v8i)(sl <= hiv)); /* NaN: never in */
     v8f packed = (v8f)__builtin_shuffle((v8i)sl, ld8i(c->pack + 8 * bits)); /* no branches */
     memcpy(tmp + (len < N ? len : N), &packed, 32);
     len += __builtin_popcount(bits);
   }
   if (len != ch - cl) return NAN;
-  float u = under[0], o = over[0];
-  for (int l = 1; l < 8; l++) u = under[l] > u ? under[l] : u, o = over[l] < o ? over[l] : o;
-  int ka = q1 - cl, kb = q2 - cl; /* ranks in tmp; -1 is u (the largest <= lo), len is o */
+  int ka = q1 - cl, kb = q2 - cl; /* ranks in tmp; -1: the largest slope <= lo, len: the smallest > hi */
   float a, b;
   kth2(tmp, len, ka < 0 ? 0 : ka, kb < 0 ? 0 : kb, &a, &b);
-  a = ka < 0 ? u : ka >= len ? o : a;
-  b = kb < 0 ? u : kb >= len ? o : b;
+  if (ka < 0 || kb >= len) { /* a middle rank just outside the window (odd n only): find it */
+    v8f under = (v8f){0} - INFINITY, over = (v8f){0} + INFINITY;
+    for (int v = 0; v < NV; v++) {
+      v8f sl = abs8(ld8(c->s + 8 * v) - si) / ld8(kw + 8 * v);
+      v8i le = (v8i)(sl <= lov) & (v8i)(sl > under), gt = (v8i)(sl > hiv) & (v8i)(sl < over);
+      under = (v8f)((le & (v8i)sl) | (~le & (v8i)under)); /* NaN compares false: never taken */
+      over = (v8f)((gt & (v8i)sl) | (~gt & (v8i)over));
+    }
+    float u = under[0], o = over[0];
+    for (int l = 1; l < 8; l++) u = under[l] > u ? under[l] : u, o = over[l] < o ? over[l] : o;
+    a = ka < 0 ? u : ka >= len ? o : a;
+    b = kb < 0 ? u : kb >= len ? o : b;
+  }
   return q1 == q2 ? a : (a + b) / 2;
 }
 
