@@ -117,12 +117,15 @@ NOTES = [
     "divides few pairs. Float32 rounding is monotone, so whether a pair's slope is <= t is decided "
     "by comparing its difference with a bound per index distance; counting each row's slopes under "
     "two thresholds tells whether its median lies below, between or above them, the thresholds "
-    "narrow on the remaining rows by interpolation, and the last ~5 rows have their slopes divided "
-    "and selected. At n = 100 on one core ~3.7 us per coordinate: counting ~1.5 us (the first pass "
-    "over all n(n-1)/2 pairs ~0.7 us, then ~70 rows), the few exact rows ~0.45 us, choosing "
-    "thresholds and keeping candidates ~0.8 us, the stable sort with ranks ~0.3 us, the rest of the "
-    "rule ~0.55 us. 30x a pass leaves ~1.8 us per coordinate per core: the first counting pass, the "
-    "sort and the rest of the rule alone take ~1.5 us of it.",
+    "narrow on the remaining rows by interpolation, and the last ~7 rows have their slopes divided "
+    "and selected. At n = 100 on one core ~3.3 us per coordinate (the kernel alone; 3.85 before "
+    "2026-11-30's second pass over it, timed side by side): the first counting pass over all "
+    "n(n-1)/2 pairs ~0.7 us, counting the ~65 rows still in doubt ~0.8 us, the exact rows ~0.3 us, "
+    "choosing thresholds, tables and candidates ~0.7 us, the stable sort with ranks and the rest of "
+    "the rule ~0.6 us. 30x a pass leaves ~1.8 us per coordinate per core. Where that stands: around "
+    "the answer the rows' medians are dense (~13 of 100 rows within ±1% of it on Gaussian columns) "
+    "and no cheap statistic of the sorted column places it closer than ~2-5%, so about two "
+    "counting passes' worth (~1.5 us) is spent before the last rows are divided.",
     "",
     "The numpy kernel's ratio varies with the load much more than the compiled one's: 9-12x in the "
     "2026-11-26 run of bench_aggregators.py (median 12.1x, median_paper 9.4x, trimmed means 11.4-12.0x, "

@@ -11,8 +11,9 @@
    D_ij < B_k(t), the least float whose quotient by k rounds above t (found from the midpoint of
    t and its successor times k, exact in double, and one float32 division). Counting rows' slopes
    below two thresholds (compares only, 8 per instruction) tells which rows' medians lie below,
-   inside or above; the thresholds are narrowed by interpolation on the candidate rows only, and
-   the few remaining candidates get their slopes divided and selected exactly. Columns where this
+   inside or above; the thresholds are narrowed by interpolation on the candidate rows only (a
+   side still open steps out geometrically; a bracket that stops losing rows ends the counting),
+   and the few remaining candidates get their slopes divided and selected exactly. Columns where this
    does not settle (or with NaN, infinities or an overflowing range) are flagged: the Python code
    redoes them, so a surprise costs speed, never a wrong result.
 
