@@ -33,7 +33,7 @@
 #define NV (NP / 8)
 #define WP (2 * NP + 8)    /* a row's window into the symmetric |i - j| table */
 #define NR (NP + 8)        /* B tables by k cover k < NR */
-#define BOFF 8             /* and k >= -BOFF (B = -inf for k <= 0: the pair never counts) */
+#define BOFF 16            /* and k >= -BOFF (B = -inf for k <= 0: the pair never counts) */
 #ifndef P0A /* the first pass's thresholds, times the estimate (tuned on Gaussian columns) */
 #define P0A 1.0f
 #define P0B 1.1f
@@ -175,12 +175,29 @@ static void count_all(rm_ctx *c) {
   memset(c->cnt, 0, sizeof(c->cnt));
   int32_t row[N];
   v8i *accs = c->accs;
-  for (int i = 0; i < N - 1; i++) {
+  int i = 0;
+  for (; i + 3 < N - 1; i += 4) { /* 4 rows together: one load of s_j and one column update */
+    v8f s0 = (v8f){0} + c->s[i], s1 = (v8f){0} + c->s[i + 1];
+    v8f s2 = (v8f){0} + c->s[i + 2], s3 = (v8f){0} + c->s[i + 3];
+    v8i a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    const float *ka = c->ba + BOFF - i, *kb = c->bb + BOFF - i; /* ka[j] = B_{j - i} */
+    for (int j = (i + 1) / 8 * 8; j < N; j += 8) { /* rows i + 1.. from here too: k >= -10 */
+      v8f sj = ld8(c->s + j), d0 = sj - s0, d1 = sj - s1, d2 = sj - s2, d3 = sj - s3;
+      v8i u0 = (v8i)(d0 < ld8(ka + j)) + ((v8i)(d0 < ld8(kb + j)) << 16); /* NaN: never */
+      v8i u1 = (v8i)(d1 < ld8(ka + j - 1)) + ((v8i)(d1 < ld8(kb + j - 1)) << 16);
+      v8i u2 = (v8i)(d2 < ld8(ka + j - 2)) + ((v8i)(d2 < ld8(kb + j - 2)) << 16);
+      v8i u3 = (v8i)(d3 < ld8(ka + j - 3)) + ((v8i)(d3 < ld8(kb + j - 3)) << 16);
+      a0 -= u0, a1 -= u1, a2 -= u2, a3 -= u3;
+      st8i(c->cnt + j, ld8i(c->cnt + j) - ((u0 + u1) + (u2 + u3)));
+    }
+    accs[i] = a0, accs[i + 1] = a1, accs[i + 2] = a2, accs[i + 3] = a3;
+  }
+  for (; i < N - 1; i++) {
     v8f si = (v8f){0} + c->s[i];
     v8i acc = {0};
-    const float *ka = c->ba + BOFF - i, *kb = c->bb + BOFF - i; /* ka[j] = B_{j - i} */
+    const float *ka = c->ba + BOFF - i, *kb = c->bb + BOFF - i;
     for (int j = (i + 1) / 8 * 8; j < N; j += 8) {
-      v8f d = ld8(c->s + j) - si; /* NaN padding never counts */
+      v8f d = ld8(c->s + j) - si;
       v8i u = (v8i)(d < ld8(ka + j)) + ((v8i)(d < ld8(kb + j)) << 16);
       acc -= u;
       st8i(c->cnt + j, ld8i(c->cnt + j) - u);
