@@ -216,18 +216,18 @@ static void count_all(rm_ctx *c) {
    reversed ra, rb). */
 static inline v8i count2(const rm_ctx *c, int i) {
   v8f si = (v8f){0} + c->s[i];
-  v8i acc = {0};
+  v8i acc = {0}, accb = {0}; /* packed once at the end: one instruction less per vector */
   const float *sj = c->s + i + 1, *ka = c->ba + BOFF + 1, *kb = c->bb + BOFF + 1;
   for (int v = 0, nv = (N - 1 - i + 7) / 8; v < nv; v++) { /* j > i; NaN padding never counts */
     v8f d = ld8(sj + 8 * v) - si;
-    acc -= (v8i)(d < ld8(ka + 8 * v)) + ((v8i)(d < ld8(kb + 8 * v)) << 16);
+    acc += (v8i)(d < ld8(ka + 8 * v)), accb += (v8i)(d < ld8(kb + 8 * v));
   }
   const float *wa = c->ra + NR - i, *wb = c->rb + NR - i;
   for (int v = 0, nv = (i + 7) / 8; v < nv; v++) { /* j < i; B = -inf for j >= i */
     v8f d = si - ld8(c->s + 8 * v);
-    acc -= (v8i)(d < ld8(wa + 8 * v)) + ((v8i)(d < ld8(wb + 8 * v)) << 16);
+    acc += (v8i)(d < ld8(wa + 8 * v)), accb += (v8i)(d < ld8(wb + 8 * v));
   }
-  return acc;
+  return -acc - (accb << 16);
 }
 
 /* About the ka-th and kb-th smallest of est[0:nc] (est padded with +inf): bisection on the
