@@ -375,12 +375,13 @@ static int rm_slope(rm_ctx *c, float est, float *out) {
     float ext = tb - ta > tb * EXT_MIN ? tb - ta : tb * EXT_MIN;
     v8f vtb = (v8f){0} + tb, vext = (v8f){0} + ext;
     int keep = 0;
+    v8i vbelow = {0}; /* minus the rows found <= the new lo, by lane */
     for (int x = 0; x < nc; x += 8) {
       v8i vl = ld8i(lo_by + x), vh = ld8i(hi_by + x), va = ld8i(ca + x), vb = ld8i(cb + x);
       v8i vc = ld8i(cand + x);
       v8i lane = (v8i){0, 1, 2, 3, 4, 5, 6, 7} + x;
       v8i under_lo = vl > q2, gone = under_lo | (vh <= q1) | (lane >= nc);
-      below -= hsum8(under_lo & (lane < nc));
+      vbelow += under_lo & (lane < nc);
       v8f fa = __builtin_convertvector(va, v8f), fb = __builtin_convertvector(vb, v8f);
       v8i inside = vb > va;
       v8f den = (v8f)((inside & (v8i)(fb - fa)) | (~inside & (v8i)((v8f){0} + 1.0f)));
@@ -396,6 +397,7 @@ static int rm_slope(rm_ctx *c, float est, float *out) {
       memcpy(c->est + keep, &pe, 32);
       keep += __builtin_popcount(m);
     }
+    below -= hsum8(vbelow);
     float lo2 = new_lo == 1 ? ta : new_lo == 2 ? tb : lo, hi2 = new_hi == 1 ? ta : new_hi == 2 ? tb : hi;
     /* A two-sided bracket that lost no candidate only crept (its thresholds were clamped to
        it): dividing is cheaper than creeping on. */
