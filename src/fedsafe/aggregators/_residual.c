@@ -181,7 +181,7 @@ static void count_all(rm_ctx *c) {
     v8f s2 = (v8f){0} + c->s[i + 2], s3 = (v8f){0} + c->s[i + 3];
     v8i a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
     const float *ka = c->ba + BOFF - i, *kb = c->bb + BOFF - i; /* ka[j] = B_{j - i} */
-    for (int j = (i + 1) / 8 * 8; j < N; j += 8) { /* rows i + 1.. from here too: k >= -10 */
+    for (int j = (i + 1) / 8 * 8; j < N; j += 8) { /* rows i + 1.. from here too: k >= -9 */
       v8f sj = ld8(c->s + j), d0 = sj - s0, d1 = sj - s1, d2 = sj - s2, d3 = sj - s3;
       v8i u0 = (v8i)(d0 < ld8(ka + j)) + ((v8i)(d0 < ld8(kb + j)) << 16); /* NaN: never */
       v8i u1 = (v8i)(d1 < ld8(ka + j - 1)) + ((v8i)(d1 < ld8(kb + j - 1)) << 16);
