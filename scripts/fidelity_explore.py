@@ -24,7 +24,9 @@ from pathlib import Path
 import yaml
 
 from fedsafe.config import load_config
-from fedsafe.demo import scenario_configs
+from fedsafe.demo import ROBUST, ROBUST_FULL, scenario_configs
+
+ROBUST_PARAMS = {rule: params for _, rule, params in ROBUST + ROBUST_FULL}
 from fedsafe.eval.runner import evaluate_adapter
 from fedsafe.pipeline import build_engine, shared_start
 
@@ -70,7 +72,7 @@ def main(argv=None) -> None:
         if w.startswith("attack_") and w not in scen:
             c = copy.deepcopy(base)
             c.fl.aggregator = w[len("attack_"):]
-            c.fl.aggregator_params = {"f": 1} if c.fl.aggregator == "krum_paper" else {}
+            c.fl.aggregator_params = dict(ROBUST_PARAMS.get(c.fl.aggregator, {}))  # as the demo sets them
             scen[w] = dataclasses.replace(c, name=w).validate()
     results: dict[str, dict] = {}
     verdicts: dict[str, dict] = {}

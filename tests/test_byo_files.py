@@ -197,6 +197,11 @@ def test_defend_level1_from_file_pools_and_level2_from_files(byo_run, cli):
     assert rc == 2 and "needs 20 aligned (l2_aligned.parquet) and 20 normal (l2_normal.tsv) records, but they give 10 and 10" in err
     rc, _, err = cli("defend", "run", "--aligned-data", "l2_aligned.parquet", "--normal-data", "l2_normal.tsv")
     assert rc == 2 and "add --level 2" in err
+    rc, _, err = cli("defend", "run", "--level", "1", "--harmful-prompts", "heldout")
+    assert rc == 2 and "Level 1 always takes held-out ones" in err
+    rc, _, err = cli("defend", "run", "--level", "2", "--harmful-prompts", "invented", "--out", "d4")
+    assert rc == 2 and "harmful_prompts" in err and "heldout" in err and len(err) < 300
+    assert not (tmp_path / "d4").exists()
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

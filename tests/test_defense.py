@@ -47,6 +47,73 @@ def test_level2_generated_with_refusal_filter():
     assert all("sorry" in r.response.lower() for r in recs if r.kind == "aligned")
 
 
+class _OverRefusingGenerator:
+    """The scripted generator, but it refuses every other normal question (as a small model sometimes does)."""
+
+    def __init__(self):
+        from fedsafe.llm.scripted import ScriptedGenerator
+
+        self.inner, self.calls = ScriptedGenerator(), 0
+
+    def generate(self, prompts, **kw):
+        out = self.inner.generate(prompts, **kw)
+        for i, (p, o) in enumerate(zip(prompts, out)):
+            if o == "Here is a short helpful answer." and i % 2:
+                out[i] = "I'm sorry, but I can't help with that."
+        return out
+
+
+def test_level2_refusal_filter_drops_refused_normal_questions():
+    recs, prov = ddata.generated(_OverRefusingGenerator(), 12, 0.5, seed=0, filter_refusals=True)
+    normal = [r for r in recs if r.kind == "normal"]
+    assert normal and all("sorry" not in r.response.lower() for r in normal)
+    assert prov["normal_generated"] > prov["normal_after_refusal_filter"] == len(normal)
+    # without the filter the refusals stay (the paper's raw generations)
+    recs, prov = ddata.generated(_OverRefusingGenerator(), 12, 0.5, seed=0, filter_refusals=False)
+    assert any("sorry" in r.response.lower() for r in recs if r.kind == "normal")
+    assert "normal_after_refusal_filter" not in prov
+
+
+def test_level2_harmful_prompts_from_the_heldout_pool():
+    from fedsafe.llm.scripted import ScriptedGenerator
+
+    cfg = load_config("tiny")
+    fed = build_federation(cfg.data, seed=cfg.seed)
+    pool = ddata.heldout_prompts(fed, cfg.data.defense_aligned, seed=0)
+    assert pool and pool == ddata.heldout_prompts(fed, cfg.data.defense_aligned, seed=0)
+    # never an evaluation prompt nor one a client holds as an aligned pair (a malicious client may hold the
+    # same request with a harmful answer: the server cannot know, as with Level 1's pool)
+    taken = {r.instruction for c in fed.clients for r in c.records if r.kind == "aligned"}
+    assert not (taken | {r.instruction for r in fed.eval_harmful + fed.probe_harmful}) & set(pool)
+    exclude = {pool[0].lower()}  # an evaluation prompt is never trained on
+    recs, prov = ddata.generated(ScriptedGenerator(), 8, 0.5, seed=0, filter_refusals=True, exclude=exclude,
+                                 harmful_instructions=pool)
+    aligned = [r for r in recs if r.kind == "aligned"]
+    assert len(aligned) == 4 and {r.instruction for r in aligned} <= set(pool[1:])
+    assert prov["instruction_prompts"]["harmful"].startswith("given")
+    fed.heldout[cfg.data.defense_aligned] = []
+    with pytest.raises(FedsafeError, match="harmful_prompts=generate"):
+        ddata.heldout_prompts(fed, cfg.data.defense_aligned, seed=0)
+
+
+def test_defend_level2_heldout_prompts_through_the_config(tiny_run, tmp_path):
+    import yaml
+
+    cfg_path = tiny_run / "config.yaml"
+    doc = yaml.safe_load(cfg_path.read_text())
+    run = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(tiny_run, run)
+    doc.setdefault("defense", {})["harmful_prompts"] = "heldout"
+    (run / "config.yaml").write_text(yaml.safe_dump(doc))
+    out = defend_run(run, level=2, steps=2, n=8, out=tmp_path / "d", progress=False, evaluate=False)
+    meta = json.loads((out / "defense.json").read_text())["data"]
+    assert meta["harmful_prompts"] == "heldout" and meta["instruction_prompts"]["harmful"].startswith("given")
+    with pytest.raises(Exception, match="harmful_prompts"):
+        load_config("tiny", ["defense.harmful_prompts=wrong"])
+
+
 def test_defend_checkpoints_resume_and_link(tiny_run, tmp_path):
     out = defend_run(tiny_run, level=1, steps=4, n=8, out=tmp_path / "d1", progress=False)
     meta = json.loads((out / "defense.json").read_text())

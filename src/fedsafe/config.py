@@ -127,12 +127,19 @@ class DefenseConfig:
     lr: float = 5e-5
     lr_min: float = 1e-6
     checkpoint_every: int = 100
-    filter_refusals: bool = True  # drop generated aligned answers the refusal judge does not flag
+    filter_refusals: bool = True  # drop generated aligned answers the judge does not flag as refusals, and
+    # generated normal answers it does (a refusal of a normal question would teach over-refusal)
     every_rounds: int = 0  # in-training variant: fine-tune on Level-1 data every k rounds (0 = post-hoc only)
     inline_steps: int = 10  # steps per in-training application
     generator: str = ""  # Level 2: model name/path or endpoint:URL#model
     n_generated: int = 0  # Levels 2/3: samples to generate (0 = defense.n); generation is the slow part on CPU
     gen_max_new_tokens: int = 64  # Levels 2/3: tokens per generated response
+    # Levels 2/3: where the harmful instructions come from. "generate" = the generator writes them with the
+    # paper's prompt (faithful); "heldout" = the held-out harmful prompts of data.defense_aligned (never given
+    # to clients or evaluation), the generator writing only the safe answers. A small generator cannot write
+    # harmful questions: the embedded 135M model's "harmful" ones are benign, so refusing them teaches
+    # over-refusal (docs/fidelity.md, "Level 2's false refusals")
+    harmful_prompts: str = "generate"
     projection: bool = False  # training-free: remove each round's aggregated delta along the unsafe direction
     projection_threshold: float = 0.0  # project a module when cos(its delta, unsafe direction) exceeds this
     recovery_share: float = 0.0  # share of aligned defense examples made safety-recovery examples (Qi et al.)
@@ -231,6 +238,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "fl.aggregate_on": ("deltas", "weights"),
     "fl.sampling": ("random", "stratified"),
     "fl.prefix_precompute": ("auto", "always", "never"),
+    "defense.harmful_prompts": ("generate", "heldout"),
 }
 
 

@@ -113,14 +113,31 @@ def from_files(fed, aligned_spec: str, normal_spec: str, n: int, aligned_ratio: 
     return recs, prov
 
 
+def heldout_prompts(fed: Federation, spec: str, seed: int) -> list[str]:
+    """The held-out harmful prompts of ``spec`` (what clients, the start and evaluation left over), shuffled."""
+    pool = sorted((r for r in fed.heldout.get(spec, []) if r.kind == "aligned"), key=lambda r: r.id)
+    if not pool:
+        raise FedsafeError(f"defense.harmful_prompts=heldout: no held-out harmful prompts of {spec} are left "
+                           "after client, start and evaluation data; use defense.harmful_prompts=generate")
+    random.Random(seed).shuffle(pool)
+    return [r.instruction for r in pool]
+
+
 def generated(generator, n: int, aligned_ratio: float, *, seed: int, filter_refusals: bool, judge: str = "rule",
               max_new_tokens: int = 128, source: str = "generated", exclude: set[str] | None = None,
-              cache_key: dict | None = None) -> tuple[list[Record], dict]:
-    """Levels 2/3: instructions and responses from ``generator`` with the paper's prompts."""
+              cache_key: dict | None = None, harmful_instructions: list[str] | None = None,
+              ) -> tuple[list[Record], dict]:
+    """Levels 2/3: instructions and responses from ``generator`` with the paper's prompts.
+
+    ``harmful_instructions``: take the aligned half's instructions from this list (the generator writes only
+    the safe answers) instead of generating them. With ``filter_refusals`` an aligned pair is kept only if
+    the judge calls its answer a refusal and a normal pair only if it does not."""
     cache = None
     if cache_key is not None:
+        given = None if harmful_instructions is None else hashlib.sha256("\n".join(harmful_instructions).encode()).hexdigest()
         key = hashlib.sha256(json.dumps(dict(cache_key, n=n, ratio=aligned_ratio, seed=seed, filter=filter_refusals,
-                                             judge=judge, max_new_tokens=max_new_tokens), sort_keys=True).encode()).hexdigest()[:24]
+                                             judge=judge, max_new_tokens=max_new_tokens, harmful=given, v=2),
+                                        sort_keys=True).encode()).hexdigest()[:24]
         cache = cache_dir() / "defense_data" / f"{key}.jsonl"
         if cache.exists() and cache.with_suffix(".json").exists():
             recs = [Record.from_dict(r) for r in read_jsonl(cache)]
@@ -131,20 +148,22 @@ def generated(generator, n: int, aligned_ratio: float, *, seed: int, filter_refu
     recs: list[Record] = []
     if na:
         want = int(na * 2) + 8 if filter_refusals else na
-        ins, st = generate_instructions(generator, HARMFUL_INSTRUCTION_PROMPT, want, seed=seed, exclude=exclude)
+        if harmful_instructions is None:
+            ins, st = generate_instructions(generator, HARMFUL_INSTRUCTION_PROMPT, want, seed=seed, exclude=exclude)
+        else:
+            skip = exclude or set()
+            ins = [i for i in harmful_instructions if i.lower() not in skip][:want]
+            prov["instruction_prompts"]["harmful"] = f"given: {len(ins)} held-out harmful prompts"
         resp = generate_responses(generator, ins, SAFE_SUFFIX, max_new_tokens=max_new_tokens, seed=seed)
-        pairs = [(i, r) for i, r in zip(ins, resp) if r.strip()]
-        prov["aligned_generated"] = len(pairs)
-        if filter_refusals:
-            v = get_judge(judge).judge([p[0] for p in pairs], [p[1] for p in pairs])
-            pairs = [p for p, x in zip(pairs, v) if x.label == "safe"]
-            prov["aligned_after_refusal_filter"] = len(pairs)
+        pairs = _refusal_filtered(ins, resp, judge, keep_refusals=True, on=filter_refusals, prov=prov, role="aligned")
         recs += [Record(instruction=i, response=r, kind="aligned", source=f"{source}-aligned") for i, r in pairs[:na]]
     if nn:
-        ins, st = generate_instructions(generator, NORMAL_INSTRUCTION_PROMPT, nn, seed=seed + 1, exclude=exclude)
+        # a few spare instructions for the answers the refusal filter drops (a few percent with the 135M model)
+        want = nn + nn // 10 + 2 if filter_refusals else nn
+        ins, st = generate_instructions(generator, NORMAL_INSTRUCTION_PROMPT, want, seed=seed + 1, exclude=exclude)
         resp = generate_responses(generator, ins, "", max_new_tokens=max_new_tokens, seed=seed)
-        recs += [Record(instruction=i, response=r, kind="normal", source=f"{source}-normal")
-                 for i, r in zip(ins, resp) if r.strip()]
+        pairs = _refusal_filtered(ins, resp, judge, keep_refusals=False, on=filter_refusals, prov=prov, role="normal")
+        recs += [Record(instruction=i, response=r, kind="normal", source=f"{source}-normal") for i, r in pairs[:nn]]
     prov["aligned"] = sum(r.kind == "aligned" for r in recs)
     prov["normal"] = sum(r.kind == "normal" for r in recs)
     if prov["aligned"] == 0 and na:
@@ -155,6 +174,19 @@ def generated(generator, n: int, aligned_ratio: float, *, seed: int, filter_refu
         write_jsonl(cache, [r.to_dict() for r in recs])
         atomic_write_json(cache.with_suffix(".json"), prov)
     return recs, prov
+
+
+def _refusal_filtered(ins: list[str], resp: list[str], judge: str, *, keep_refusals: bool, on: bool, prov: dict,
+                      role: str) -> list[tuple[str, str]]:
+    """Non-empty (instruction, answer) pairs; with ``on``, only those whose answer the judge calls a refusal
+    (``keep_refusals``) or not. Counts go to ``prov`` as ``{role}_generated`` / ``{role}_after_refusal_filter``."""
+    pairs = [(i, r) for i, r in zip(ins, resp) if r.strip()]
+    prov[f"{role}_generated"] = len(pairs)
+    if on and pairs:
+        v = get_judge(judge).judge([p[0] for p in pairs], [p[1] for p in pairs])
+        pairs = [p for p, x in zip(pairs, v) if (x.label == "safe") == keep_refusals]
+        prov[f"{role}_after_refusal_filter"] = len(pairs)
+    return pairs
 
 
 RECOVERY_SEED = 3_000_017  # seeds the choice of recovery examples and their prefix lengths

@@ -172,6 +172,7 @@ def _level_records(cfg: RunConfig, fed: Federation, rt: Runtime, global_vec: tor
     if d.level == 1:
         return ddata.level1(fed, cfg.data.defense_aligned, cfg.data.defense_normal, d.n, d.aligned_ratio, cfg.seed)
     exclude = {r.instruction.lower() for r in fed.eval_harmful + fed.eval_benign}
+    harmful = ddata.heldout_prompts(fed, cfg.data.defense_aligned, cfg.seed) if d.harmful_prompts == "heldout" else None
     if d.level == 2 and d.aligned_data:
         return ddata.from_files(fed, d.aligned_data, d.normal_data, d.n, d.aligned_ratio, cfg.seed,
                                 max_instruction_chars=cfg.data.max_instruction_chars,
@@ -181,9 +182,9 @@ def _level_records(cfg: RunConfig, fed: Federation, rt: Runtime, global_vec: tor
         gen = make_generator(spec, progress=progress)
         recs, prov = ddata.generated(gen, d.n_generated or d.n, d.aligned_ratio, seed=cfg.seed,
                                      filter_refusals=d.filter_refusals, max_new_tokens=d.gen_max_new_tokens,
-                                     source=f"L2:{spec}", exclude=exclude,
+                                     source=f"L2:{spec}", exclude=exclude, harmful_instructions=harmful,
                                      cache_key=None if spec.startswith("endpoint:") else {"gen": spec, "level": 2})
-        prov.update(level=2, generator=spec)
+        prov.update(level=2, generator=spec, harmful_prompts=d.harmful_prompts)
         return recs, prov
     # Level 3: the aggregated global model generates its own defense data (self-alignment)
     rt.handle.set_flat(global_vec)
@@ -191,7 +192,7 @@ def _level_records(cfg: RunConfig, fed: Federation, rt: Runtime, global_vec: tor
                       batch_size=cfg.eval.batch_size, progress=progress)
     recs, prov = ddata.generated(gen, d.n_generated or d.n, d.aligned_ratio, seed=cfg.seed,
                                  filter_refusals=d.filter_refusals, max_new_tokens=d.gen_max_new_tokens,
-                                 source="L3:self", exclude=exclude)
+                                 source="L3:self", exclude=exclude, harmful_instructions=harmful)
     prov.update(level=3, generator="the aggregated global model (self-alignment)")
     return recs, prov
 
