@@ -276,9 +276,10 @@ def demo_cmd(
     args: Optional[List[str]] = typer.Argument(None, help="Optional PRESET (default demo) and key=value overrides."),
     quick: bool = typer.Option(False, "--quick", help="A few-minute version with the same report structure "
                                "(numbers too noisy to read)."),
-    full: bool = typer.Option(False, "--full", help="3 seeds for clean/attacked FedAvg, the dose-response (0-3 "
-                              "malicious clients per round), the paper's six robust rules and the forensic pass "
-                              "(14 federations: several hours on 2 CPU cores; rerun with the same --out to resume)."),
+    full: bool = typer.Option(False, "--full", help="3 seeds for clean/attacked FedAvg, the dose-response (0-2 "
+                              "malicious clients per round), the paper's six robust rules, Levels 1 and 2 and the "
+                              "forensic pass (13 federations, about 2 hours on 2 CPU cores; rerun with the same --out "
+                              "to resume)."),
     forensics: Optional[bool] = typer.Option(None, "--forensics/--no-forensics", help="Train every client once "
                                              "from the attacked adapter for the full cosine matrix (on with --full)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Demo directory (an existing one is resumed)."),

@@ -54,7 +54,8 @@ class Tier:
 TIERS = {
     "quick": Tier("demo-quick"),
     "default": Tier("demo", rules=tuple(ROBUST[:2]), levels=(2,)),
-    "full": Tier("demo", seeds=(0, 1, 2), rules=tuple(ROBUST_FULL), doses=(2, 3), forensic_pass=True),
+    # dose 3 (every sampled client malicious) is left out: the attack is at its floor by dose 2
+    "full": Tier("demo", seeds=(0, 1, 2), rules=tuple(ROBUST_FULL), doses=(2,), forensic_pass=True),
 }
 
 
@@ -154,24 +155,15 @@ def run_demo(preset: str = "demo", overrides: list[str] | None = None, out_dir: 
     timings["reference_rows"] = round(time.time() - t0, 1)
     scenarios = [(slug, label, cfg) for slug, label, cfg in scenario_configs(base, list(tier.rules), start)]
     scenarios += dose_configs(base, tier.doses)
-    for off in tier.seeds[1:]:  # the same clean / attacked pair on other seeds; same label -> mean ± sd rows
-        seeded = dataclasses.replace(base, seed=base.seed + off)
-        start = shared_start(seeded, root / f"start_seed{seeded.seed}", progress=progress)
-        for slug, label, cfg in scenario_configs(seeded, rules=[], start=start):
-            scenarios.append((f"{slug}_seed{seeded.seed}", label, cfg))
     for slug, label, cfg in scenarios:
         d = root / "runs" / slug
         t0 = time.time()
         _train(cfg, d, label, progress)
         timings[slug] = round(time.time() - t0, 1)
         run_dirs.append(d)
+    # the first seed's findings are complete (defenses included) before further seeds repeat its pair, so an
+    # interrupted --full already has every row of the table once
     attacked = root / "runs" / "attack_fedavg"
-    if forensic_pass:
-        t0 = time.time()
-        if not (attacked / FILE).exists():
-            console.rule("[bold]forensic pass: every client once from the attacked FedAvg's final adapter")
-            run_forensic_pass(attacked, progress=progress)
-        timings["forensic_pass"] = round(time.time() - t0, 1)
     for lvl in levels:
         d = root / "runs" / f"attack_fedavg_defense_L{lvl}"
         t0 = time.time()
@@ -180,11 +172,26 @@ def run_demo(preset: str = "demo", overrides: list[str] | None = None, out_dir: 
         if not (d / "results.json").exists():
             # the defense settings come from this demo's preset (not the attacked run's copy), so a resumed
             # demo picks up the current preset
-            over = {k: getattr(base.defense, k) for k in ("n_generated", "gen_max_new_tokens", "generator")}
+            over = {k: getattr(base.defense, k) for k in ("n_generated", "gen_max_new_tokens", "generator", "harmful_prompts")}
             defend(attacked, level=lvl, out=d, progress=progress, cfg_overrides=over)
         atomic_write_text(d / "label.txt", label + "\n")
         timings[f"defense_L{lvl}"] = round(time.time() - t0, 1)
         run_dirs.append(d)
+    if forensic_pass:
+        t0 = time.time()
+        if not (attacked / FILE).exists():
+            console.rule("[bold]forensic pass: every client once from the attacked FedAvg's final adapter")
+            run_forensic_pass(attacked, progress=progress)
+        timings["forensic_pass"] = round(time.time() - t0, 1)
+    for off in tier.seeds[1:]:  # the same clean / attacked pair on other seeds; same label -> mean ± sd rows
+        seeded = dataclasses.replace(base, seed=base.seed + off)
+        start = shared_start(seeded, root / f"start_seed{seeded.seed}", progress=progress)
+        for slug, label, cfg in scenario_configs(seeded, rules=[], start=start):
+            d = root / "runs" / f"{slug}_seed{seeded.seed}"
+            t0 = time.time()
+            _train(cfg, d, label, progress)
+            timings[d.name] = round(time.time() - t0, 1)
+            run_dirs.append(d)
     t0 = time.time()
     notes = (f"Model {base.model.name}; {base.num_clients} clients ({sum(g.clients for g in base.data.groups if g.malicious)} "
              f"malicious), {base.fl.sample_clients} per round, {base.fl.rounds} rounds x {base.fl.local_steps} local steps, "
