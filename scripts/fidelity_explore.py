@@ -25,12 +25,11 @@ import yaml
 
 from fedsafe.config import load_config
 from fedsafe.demo import ROBUST, ROBUST_FULL, scenario_configs
-
-ROBUST_PARAMS = {rule: params for _, rule, params in ROBUST + ROBUST_FULL}
 from fedsafe.eval.runner import evaluate_adapter
 from fedsafe.pipeline import build_engine, shared_start
 
 ROOT = Path(__file__).resolve().parents[1]
+ROBUST_PARAMS = {rule: params for _, rule, params in ROBUST + ROBUST_FULL}  # the demo's (f = 1 for DnC, Krum)
 
 
 def mcnemar_p(a: int, b: int) -> float:
