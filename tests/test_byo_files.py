@@ -202,6 +202,12 @@ def test_defend_level1_from_file_pools_and_level2_from_files(byo_run, cli):
     rc, _, err = cli("defend", "run", "--level", "2", "--harmful-prompts", "invented", "--out", "d4")
     assert rc == 2 and "harmful_prompts" in err and "heldout" in err and len(err) < 300
     assert not (tmp_path / "d4").exists()
+    rc, _, err = cli("defend", "run", "--level", "1", "--aligned-ratio", "1.5", "--out", "d5")
+    assert rc == 2 and "defense.aligned_ratio must be in [0, 1]" in err and not (tmp_path / "d5").exists()
+    rc, _, err = cli("defend", "run", "--level", "1", "--aligned-ratio", "0.25", "--steps", "2", "-n", "8", "--out", "d6", "-q")
+    assert rc == 0, err
+    prov = json.loads((tmp_path / "d6" / "defense.json").read_text())["data"]
+    assert (prov["aligned"], prov["normal"]) == (2, 6)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

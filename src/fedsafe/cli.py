@@ -248,6 +248,7 @@ def defend_cmd(
     generator: Optional[str] = typer.Option(None, "--generator", help="Level 2 generator: model name/path or endpoint:URL#MODEL."),
     aligned_data: Optional[str] = typer.Option(None, "--aligned-data", help="Level 2 from files: harmful prompts with safe answers (a local file or spec); with --normal-data."),
     normal_data: Optional[str] = typer.Option(None, "--normal-data", help="Level 2 from files: normal (instruction, response) pairs."),
+    aligned_ratio: Optional[float] = typer.Option(None, "--aligned-ratio", help="Share of aligned (refusal) examples in the defense data (default: the run's defense.aligned_ratio; the paper's data is about half). Less trades refusal for fewer false refusals."),
     harmful_prompts: Optional[str] = typer.Option(None, "--harmful-prompts", help="Levels 2/3: 'generate' (the generator writes the harmful questions, as the paper) or 'heldout' (held-out public harmful prompts; the generator writes only the safe answers). Default: the run's defense.harmful_prompts."),
     sweep: bool = typer.Option(False, "--sweep", help="Evaluate every checkpoint (the paper's steps ablation, Fig. 6)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output run directory (default: next to RUN_DIR); an existing one is resumed."),
@@ -261,7 +262,8 @@ def defend_cmd(
         raise FedsafeError("--aligned-data/--normal-data are Level 2 data; add --level 2")
     if harmful_prompts is not None and level == 1:
         raise FedsafeError("--harmful-prompts chooses Level 2/3's harmful questions; Level 1 always takes held-out ones")
-    over = dict(files, **({} if harmful_prompts is None else {"harmful_prompts": harmful_prompts}))
+    over = dict(files, **{k: v for k, v in (("harmful_prompts", harmful_prompts), ("aligned_ratio", aligned_ratio))
+                          if v is not None})
     d = pipeline.defend(run_dir, level=level, steps=steps, n=n, out=out_dir, generator=generator, sweep=sweep,
                         progress=not quiet, cfg_overrides=over)
     if (d / "results.json").exists():

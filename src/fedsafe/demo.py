@@ -172,7 +172,8 @@ def run_demo(preset: str = "demo", overrides: list[str] | None = None, out_dir: 
         if not (d / "results.json").exists():
             # the defense settings come from this demo's preset (not the attacked run's copy), so a resumed
             # demo picks up the current preset
-            over = {k: getattr(base.defense, k) for k in ("n_generated", "gen_max_new_tokens", "generator", "harmful_prompts")}
+            over = {k: getattr(base.defense, k)
+                    for k in ("n_generated", "gen_max_new_tokens", "generator", "harmful_prompts", "aligned_ratio")}
             defend(attacked, level=lvl, out=d, progress=progress, cfg_overrides=over)
         atomic_write_text(d / "label.txt", label + "\n")
         timings[f"defense_L{lvl}"] = round(time.time() - t0, 1)
