@@ -118,6 +118,10 @@ def test_full_tier_adds_seeds_and_dose_response(tmp_path, monkeypatch):
     assert [r["method"] for r in rows] == ["Model as shipped (no adapter)", "FedAvg (no attack)", "FedAvg (attack)",
                                            "FedAvg (attack, 2 malicious per round)"]
     assert [r["seeds"] for r in rows[1:]] == [2, 2, 1]
+    # a one-seed row against the two-seed clean pair is paired with seed 0's clean run (McNemar), not put
+    # through a one-seed t-test; the two-seed attacked row gets the test on its per-seed differences
+    assert "p_mcnemar" in rows[3]["vs_clean"]["refusal"] and "k" not in rows[3]["vs_clean"]["refusal"]
+    assert rows[2]["vs_clean"]["refusal"]["k"] == 2
     assert (d / "runs" / "attack_fedavg_seed1" / "config.yaml").exists()
     assert yaml.safe_load((d / "runs" / "attack_fedavg_seed1" / "config.yaml").read_text())["seed"] == 1
     dose = d / "runs" / "attack_fedavg_dose2"

@@ -186,7 +186,9 @@ def run_demo(preset: str = "demo", overrides: list[str] | None = None, out_dir: 
         timings["forensic_pass"] = round(time.time() - t0, 1)
     for off in tier.seeds[1:]:  # the same clean / attacked pair on other seeds; same label -> mean ± sd rows
         seeded = dataclasses.replace(base, seed=base.seed + off)
+        t0 = time.time()
         start = shared_start(seeded, root / f"start_seed{seeded.seed}", progress=progress)
+        timings[f"start_seed{seeded.seed}"] = round(time.time() - t0, 1)  # that seed's server alignment
         for slug, label, cfg in scenario_configs(seeded, rules=[], start=start):
             d = root / "runs" / f"{slug}_seed{seeded.seed}"
             t0 = time.time()

@@ -87,9 +87,10 @@ VS = (("vs_clean", CLEAN_LABELS), ("vs_attacked", ATTACKED_LABELS))
 def add_comparisons(runs: list[dict], rows: list[dict], seed: int = 0) -> None:
     """Give every row ``vs_clean`` / ``vs_attacked``: this row minus the reference, paired on the same prompts.
 
-    One run per side: difference [Newcombe 95% CI], discordant counts and exact McNemar p per metric.
-    Several seeds per side: runs paired by config seed, mean difference and the tests on the per-seed
-    differences. A pair that cannot be compared (other prompts, other judge) gets ``{"error": reason}``.
+    One run per side, or one run against the same seed's run of a multi-seed reference: difference
+    [Newcombe 95% CI], discordant counts and exact McNemar p per metric. Several seeds per side: runs paired
+    by config seed, mean difference and the tests on the per-seed differences. A pair that cannot be
+    compared (other prompts, other judge) gets ``{"error": reason}``.
     """
     from ..eval.compare import compare_pair, load_evaluated
     from ..eval.paired import seed_test
@@ -127,6 +128,8 @@ def _compare_group(group, refs, load, compare_pair, seed_test, seed) -> dict:
     pairs = [(r, s) for r, s in pairs if s is not None]
     if not pairs:
         raise FedsafeError("no seed in common with the reference")
+    if len(pairs) == 1:  # one seed against a multi-seed reference: pair it with that seed's run, prompt by prompt
+        return dict(compare_pair(load(pairs[0][0]), load(pairs[0][1]), seed=seed)["metrics"])
     per_seed = [compare_pair(load(r), load(s), seed=seed)["metrics"] for r, s in pairs]
     out = {}
     for key in per_seed[0]:
