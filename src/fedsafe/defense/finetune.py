@@ -171,12 +171,12 @@ def _level_records(cfg: RunConfig, fed: Federation, rt: Runtime, global_vec: tor
     d = cfg.defense
     if d.level == 1:
         return ddata.level1(fed, cfg.data.defense_aligned, cfg.data.defense_normal, d.n, d.aligned_ratio, cfg.seed)
-    exclude = {r.instruction.lower() for r in fed.eval_harmful + fed.eval_benign}
-    harmful = ddata.heldout_prompts(fed, cfg.data.defense_aligned, cfg.seed) if d.harmful_prompts == "heldout" else None
     if d.level == 2 and d.aligned_data:
         return ddata.from_files(fed, d.aligned_data, d.normal_data, d.n, d.aligned_ratio, cfg.seed,
                                 max_instruction_chars=cfg.data.max_instruction_chars,
                                 max_response_chars=cfg.data.max_response_chars)
+    exclude = {r.instruction.lower() for r in fed.eval_harmful + fed.eval_benign}
+    harmful = ddata.heldout_prompts(fed, cfg.data.defense_aligned, cfg.seed) if d.harmful_prompts == "heldout" else None
     if d.level == 2:
         spec = d.generator or "smollm2-135m-instruct"
         gen = make_generator(spec, progress=progress)
@@ -193,7 +193,7 @@ def _level_records(cfg: RunConfig, fed: Federation, rt: Runtime, global_vec: tor
     recs, prov = ddata.generated(gen, d.n_generated or d.n, d.aligned_ratio, seed=cfg.seed,
                                  filter_refusals=d.filter_refusals, max_new_tokens=d.gen_max_new_tokens,
                                  source="L3:self", exclude=exclude, harmful_instructions=harmful)
-    prov.update(level=3, generator="the aggregated global model (self-alignment)")
+    prov.update(level=3, generator="the aggregated global model (self-alignment)", harmful_prompts=d.harmful_prompts)
     return recs, prov
 
 
