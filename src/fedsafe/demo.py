@@ -155,12 +155,15 @@ def run_demo(preset: str = "demo", overrides: list[str] | None = None, out_dir: 
     timings["reference_rows"] = round(time.time() - t0, 1)
     scenarios = [(slug, label, cfg) for slug, label, cfg in scenario_configs(base, list(tier.rules), start)]
     scenarios += dose_configs(base, tier.doses)
-    for slug, label, cfg in scenarios:
+    def train(slug: str, label: str, cfg: RunConfig) -> None:
         d = root / "runs" / slug
         t0 = time.time()
         _train(cfg, d, label, progress)
         timings[slug] = round(time.time() - t0, 1)
         run_dirs.append(d)
+
+    for slug, label, cfg in scenarios:
+        train(slug, label, cfg)
     # the first seed's findings are complete (defenses included) before further seeds repeat its pair, so an
     # interrupted --full already has every row of the table once
     attacked = root / "runs" / "attack_fedavg"
@@ -190,11 +193,7 @@ def run_demo(preset: str = "demo", overrides: list[str] | None = None, out_dir: 
         start = shared_start(seeded, root / f"start_seed{seeded.seed}", progress=progress)
         timings[f"start_seed{seeded.seed}"] = round(time.time() - t0, 1)  # that seed's server alignment
         for slug, label, cfg in scenario_configs(seeded, rules=[], start=start):
-            d = root / "runs" / f"{slug}_seed{seeded.seed}"
-            t0 = time.time()
-            _train(cfg, d, label, progress)
-            timings[d.name] = round(time.time() - t0, 1)
-            run_dirs.append(d)
+            train(f"{slug}_seed{seeded.seed}", label, cfg)
     t0 = time.time()
     notes = (f"Model {base.model.name}; {base.num_clients} clients ({sum(g.clients for g in base.data.groups if g.malicious)} "
              f"malicious), {base.fl.sample_clients} per round, {base.fl.rounds} rounds x {base.fl.local_steps} local steps, "

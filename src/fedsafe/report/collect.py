@@ -122,13 +122,14 @@ def add_comparisons(runs: list[dict], rows: list[dict], seed: int = 0) -> None:
 
 def _compare_group(group, refs, load, compare_pair, seed_test, seed) -> dict:
     if len(group) == 1 and len(refs) == 1:
-        return dict(compare_pair(load(group[0]), load(refs[0]), seed=seed)["metrics"])
-    ref_by_seed = {r["config"].get("seed"): r for r in refs}
-    pairs = [(r, ref_by_seed.get(r["config"].get("seed"))) for r in group]
-    pairs = [(r, s) for r, s in pairs if s is not None]
+        pairs = [(group[0], refs[0])]
+    else:
+        ref_by_seed = {r["config"].get("seed"): r for r in refs}
+        pairs = [(r, ref_by_seed.get(r["config"].get("seed"))) for r in group]
+        pairs = [(r, s) for r, s in pairs if s is not None]
     if not pairs:
         raise FedsafeError("no seed in common with the reference")
-    if len(pairs) == 1:  # one seed against a multi-seed reference: pair it with that seed's run, prompt by prompt
+    if len(pairs) == 1:  # one run per side (or one seed of a multi-seed reference): paired prompt by prompt
         return dict(compare_pair(load(pairs[0][0]), load(pairs[0][1]), seed=seed)["metrics"])
     per_seed = [compare_pair(load(r), load(s), seed=seed)["metrics"] for r, s in pairs]
     out = {}
