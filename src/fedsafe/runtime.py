@@ -16,7 +16,7 @@ import torch
 
 from .config import LoraConfig, ModelConfig, RunConfig
 from .data.templates import Example, tokenize_pair
-from .lm import prefix_hidden
+from .lm import prefill_from_states, prefix_hidden, prompt_lower_states
 from .errors import FedsafeError
 from .models import EMBEDDED, LoraHandle, add_lora, load_base, num_layers, resolve_device
 from .rundir import ADAPTER_WEIGHTS, START_ADAPTER
@@ -33,6 +33,9 @@ class Runtime:
     _tok_cache: dict = field(default_factory=dict)
     _prefix_cache: dict = field(default_factory=dict)
     _base_originals: dict = field(default_factory=dict)  # module name -> its weight before set_base_delta
+    _prompt_cache: dict = field(default_factory=dict)  # prompt token ids -> frozen-layer states (prompt_prefill)
+    _prompt_cache_bytes: int = 0
+    prompt_cache_mb: float = 2048.0  # beyond this, prompts not yet cached are prefilled the ordinary way
     base_delta_key: str = ""  # sha256 of the start folded into the base ("" = the base as loaded)
 
     def tokenize(self, records) -> list[Example]:
@@ -105,6 +108,28 @@ class Runtime:
             for i, h in zip(todo, hs):
                 self._prefix_cache[keys[i]] = h
         return [self._prefix_cache[k] for k in keys]
+
+    def prompt_prefill(self, prompts: list[list[int]], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict | None:
+        """``generate`` keyword arguments carrying the cache of a left-padded prompt batch, computed from
+        frozen-layer states memoised per prompt (:func:`fedsafe.lm.prompt_lower_states`); None when every
+        layer is adapted or the memo is full. Only LoRA modules change between the adapters and merged
+        starts a process evaluates, and they sit above the cached layers, so a state stays valid for the
+        runtime's life (tests/test_prompt_prefill.py checks outputs against an ordinary prefill)."""
+        first = self.first_adapted_layer
+        if first <= 0:
+            return None
+        keys = [tuple(p[:-1]) for p in prompts]
+        todo = [i for i, k in enumerate(keys) if k not in self._prompt_cache]
+        if todo:
+            if self._prompt_cache_bytes > self.prompt_cache_mb * 2**20:
+                return None
+            states = prompt_lower_states(self.model, [prompts[i] for i in todo], first, self.device,
+                                         batch_size=len(todo))
+            for i, st in zip(todo, states):
+                self._prompt_cache[keys[i]] = st
+                self._prompt_cache_bytes += sum(t.numel() * t.element_size() for t in [st["h"], *st["k"], *st["v"]])
+        states = [self._prompt_cache[k] for k in keys]
+        return prefill_from_states(self.model, states, input_ids, attention_mask, first)
 
     @property
     def pad_id(self) -> int:

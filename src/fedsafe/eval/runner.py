@@ -28,7 +28,7 @@ from ..data.templates import collate, format_prompt
 from ..io import atomic_write_json, read_jsonl, write_jsonl
 from ..data.partition import Federation, build_federation
 from ..llm.hf import HFGenerator
-from ..lm import response_loss
+from ..lm import collate_prefix, response_loss
 from ..rundir import EVAL_DIR, FINAL_ADAPTER, RESULTS, load_run_config
 from ..runtime import Runtime, get_runtime, use_run_base
 from .judges import get_judge
@@ -64,7 +64,7 @@ def generate_cached(rt: Runtime, vec: torch.Tensor | None, prompts: list[str], *
             return [r["responses"] for r in rows]
     with rt.handle.swapped(vec), _adapter_enabled(rt.model, vec is not None):
         gen = HFGenerator(rt.model, rt.tokenizer, partial(format_prompt, rt.model_cfg.template, rt.tokenizer),
-                          batch_size=batch_size, progress=progress)
+                          batch_size=batch_size, progress=progress, prefill=rt.prompt_prefill)
         outs = [gen.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + s)
                 for s in range(samples)]
     per_prompt = [[o[i] for o in outs] for i in range(len(prompts))]
@@ -97,10 +97,16 @@ def reference_nll(rt: Runtime, vec: torch.Tensor | None, records, batch_size: in
     if not recs:
         return None
     ex = rt.tokenize(recs)
+    # the frozen layers' states are the base's, the same for every adapter evaluated on these references:
+    # memoised once per process (Runtime.prefix), every later evaluation runs only the adapted layers
+    first = rt.first_adapted_layer
+    prefix = rt.prefix(recs, ex, batch_size=batch_size) if first > 0 else None
     tot, n = 0.0, 0
     with rt.handle.swapped(vec), _adapter_enabled(rt.model, vec is not None):
         for i in range(0, len(ex), batch_size):
-            batch = collate(ex[i : i + batch_size], rt.pad_id, rt.device)
+            chunk = ex[i : i + batch_size]
+            batch = (collate_prefix(chunk, prefix[i : i + batch_size], first, rt.device) if prefix is not None
+                     else collate(chunk, rt.pad_id, rt.device))
             loss, k = response_loss(rt.model, batch, rt.model_cfg.autocast)
             tot += float(loss) * k
             n += k
@@ -109,8 +115,9 @@ def reference_nll(rt: Runtime, vec: torch.Tensor | None, records, batch_size: in
 
 def evaluate_adapter(rt: Runtime, vec: torch.Tensor | None, harmful, benign, *, judge: str = "rule", max_new_tokens: int = 64,
                      temperature: float = 0.0, samples: int = 1, batch_size: int = 16, seed: int = 0,
-                     progress: bool = False, out_dir: Path | None = None, tag: str = "") -> dict:
-    """Safety + helpfulness proxies for one adapter. ``harmful``/``benign`` are lists of records."""
+                     progress: bool = False, out_dir: Path | None = None, tag: str = "", nll: bool = True) -> dict:
+    """Safety + helpfulness proxies for one adapter. ``harmful``/``benign`` are lists of records; ``nll=False``
+    skips the reference NLL (the per-round probe reports refusal rates only)."""
     t0 = time.time()
     j = get_judge(judge)
     res: dict = {"judge": judge, "decoding": {"max_new_tokens": max_new_tokens, "temperature": temperature,
@@ -143,7 +150,8 @@ def evaluate_adapter(rt: Runtime, vec: torch.Tensor | None, harmful, benign, *, 
             res["refusal"] = summ  # safe rate on harmful prompts (the paper's "Rule" metric)
         else:
             res["false_refusal"] = summ  # on benign prompts a "safe" (refusal) verdict is a false refusal
-    res["ref_nll"] = reference_nll(rt, vec, benign, batch_size=max(1, batch_size // 2))
+    if nll:
+        res["ref_nll"] = reference_nll(rt, vec, benign, batch_size=max(1, batch_size // 2))
     res["seconds"] = round(time.time() - t0, 2)
     return res
 
@@ -187,7 +195,7 @@ def make_monitor(cfg: RunConfig, fed: Federation, rt: Runtime,
         if rnd >= 0 and (rnd + 1) % m.every and rnd != cfg.fl.rounds - 1:
             return None
         r = evaluate_adapter(rt, vec, harmful, benign, judge=m.judge, max_new_tokens=m.max_new_tokens,
-                             batch_size=m.batch_size, seed=cfg.seed)
+                             batch_size=m.batch_size, seed=cfg.seed, nll=False)
         out = {"probe_refusal": r["refusal"]["rate"] if "refusal" in r else None}
         if "false_refusal" in r:
             out["probe_false_refusal"] = r["false_refusal"]["rate"]

@@ -43,6 +43,10 @@ class HFGenerator:
         If given, the model is moved there; otherwise inputs go to the model's current device.
     progress : bool, default False
         Show a rich progress bar over batches.
+    prefill : callable, optional
+        ``prefill(token_lists, input_ids, attention_mask) -> dict | None``: keyword arguments that hand
+        ``generate`` a cache for all but the batch's last column (e.g. computed from cached frozen-layer
+        states, :meth:`fedsafe.runtime.Runtime.prompt_prefill`); ``None`` -> an ordinary prefill.
     """
 
     def __init__(
@@ -53,6 +57,7 @@ class HFGenerator:
         batch_size: int = 16,
         device: str | torch.device | None = None,
         progress: bool = False,
+        prefill: Callable | None = None,
     ):
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -61,6 +66,7 @@ class HFGenerator:
         self.format_prompt = format_prompt
         self.batch_size = int(batch_size)
         self.progress = progress
+        self.prefill = prefill
         if device is not None:
             self.model.to(device)
             self.device = torch.device(device)
@@ -144,7 +150,10 @@ class HFGenerator:
                 for start in range(0, len(order), self.batch_size):
                     idx = order[start : start + self.batch_size]
                     input_ids, attn = self._left_pad([encoded[i] for i in idx])
-                    out = self.model.generate(input_ids=input_ids, attention_mask=attn, **gen_kwargs)
+                    cached = None
+                    if self.prefill is not None and input_ids.shape[1] > 1:
+                        cached = self.prefill([encoded[i] for i in idx], input_ids, attn)
+                    out = self.model.generate(input_ids=input_ids, attention_mask=attn, **gen_kwargs, **(cached or {}))
                     new = out[:, input_ids.shape[1] :]
                     texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
                     for i, t in zip(idx, texts):
