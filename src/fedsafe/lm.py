@@ -160,7 +160,9 @@ def _layer_cache(cache) -> tuple[list, list]:
 
 
 @torch.no_grad()
-def prompt_lower_states(model, prompts: Sequence[Sequence[int]], first: int, device, batch_size: int = 16) -> list[dict]:
+def prompt_lower_states(
+    model, prompts: Sequence[Sequence[int]], first: int, device, batch_size: int = 16
+) -> list[dict]:
     """For each prompt (token ids), the states its first ``len - 1`` tokens leave below decoder layer ``first``:
     ``{"h": (n-1, hidden), "k": [(kv_heads, n-1, head_dim)] * first, "v": same, "tuple_out": bool}``.
 
@@ -178,8 +180,10 @@ def prompt_lower_states(model, prompts: Sequence[Sequence[int]], first: int, dev
     def out_kind(_mod, _args, output):
         grabbed["tuple_out"] = isinstance(output, tuple)
 
-    hooks = [decoder.layers[first].register_forward_pre_hook(grab, with_kwargs=True),
-             decoder.layers[first - 1].register_forward_hook(out_kind)]
+    hooks = [
+        decoder.layers[first].register_forward_pre_hook(grab, with_kwargs=True),
+        decoder.layers[first - 1].register_forward_hook(out_kind),
+    ]
     res: dict[int, dict] = {}
     try:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -200,8 +204,12 @@ def prompt_lower_states(model, prompts: Sequence[Sequence[int]], first: int, dev
             keys, values = _layer_cache(grabbed["cache"])
             for r, i in enumerate(idx):
                 n = len(seqs[r])
-                res[i] = {"h": grabbed["h"][r, :n].clone(), "k": [k[r, :, :n].clone() for k in keys[:first]],
-                          "v": [v[r, :, :n].clone() for v in values[:first]], "tuple_out": grabbed["tuple_out"]}
+                res[i] = {
+                    "h": grabbed["h"][r, :n].clone(),
+                    "k": [k[r, :, :n].clone() for k in keys[:first]],
+                    "v": [v[r, :, :n].clone() for v in values[:first]],
+                    "tuple_out": grabbed["tuple_out"],
+                }
     finally:
         for h in hooks:
             h.remove()
@@ -224,8 +232,9 @@ class _CachedLayer(torch.nn.Module):
 
 
 @torch.no_grad()
-def prefill_from_states(model, states: Sequence[dict], input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        first: int) -> dict:
+def prefill_from_states(
+    model, states: Sequence[dict], input_ids: torch.Tensor, attention_mask: torch.Tensor, first: int
+) -> dict:
     """The generation cache of a left-padded batch for all but its last column, computed by running only
     layers >= ``first`` on cached lower ``states`` (:func:`prompt_lower_states`, one per row). Returns the
     keyword arguments that hand it to ``model.generate`` (whose name differs across transformers versions)."""
@@ -254,7 +263,8 @@ def prefill_from_states(model, states: Sequence[dict], input_ids: torch.Tensor, 
     pos = (attn.long().cumsum(-1) - 1).masked_fill(attn == 0, 0)  # as generate numbers left-padded positions
     full = decoder.layers
     decoder.layers = torch.nn.ModuleList(
-        [_CachedLayer(i, ks[i], vs[i], states[0]["tuple_out"]) for i in range(first)] + list(full)[first:])
+        [_CachedLayer(i, ks[i], vs[i], states[0]["tuple_out"]) for i in range(first)] + list(full)[first:]
+    )
     hook = full[first].register_forward_pre_hook(swap_in, with_kwargs=True)
     try:
         out = model(input_ids=input_ids[:, :P], attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
