@@ -280,14 +280,17 @@ def demo_cmd(
                                "(numbers too noisy to read)."),
     full: bool = typer.Option(False, "--full", help="3 seeds for clean/attacked FedAvg, the dose-response (0-2 "
                               "malicious clients per round), the paper's six robust rules, Levels 1 and 2 and the "
-                              "forensic pass (13 federations, about 2 hours on 2 CPU cores; rerun with the same --out "
+                              "forensic pass (13 federations, about 85 min on 2 CPU cores; rerun with the same --out "
                               "to resume)."),
     forensics: Optional[bool] = typer.Option(None, "--forensics/--no-forensics", help="Train every client once "
                                              "from the attacked adapter for the full cosine matrix (on with --full)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Demo directory (an existing one is resumed)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
-    """The paper's Table 1 in miniature, offline: clean, attacked, robust rules, post-hoc defense, report."""
+    """The paper's Table 1 in miniature, offline: clean, attacked, robust rules, post-hoc defense, report.
+
+    The default tier runs the reference rows, clean and attacked FedAvg, median, the paper's Krum and post-hoc
+    Level 1 (about 31 min on 2 CPU cores from a cold cache); rerun with the same --out to resume."""
     from .demo import run_demo
 
     if quick and full:

@@ -205,9 +205,10 @@ def prompt_lower_states(
             for r, i in enumerate(idx):
                 n = len(seqs[r])
                 res[i] = {
-                    "h": grabbed["h"][r, :n].clone(),
-                    "k": [k[r, :, :n].clone() for k in keys[:first]],
-                    "v": [v[r, :, :n].clone() for v in values[:first]],
+                    # kept in host memory (an accelerator's is the model's), copied in per batch
+                    "h": grabbed["h"][r, :n].to("cpu", copy=True),
+                    "k": [k[r, :, :n].to("cpu", copy=True) for k in keys[:first]],
+                    "v": [v[r, :, :n].to("cpu", copy=True) for v in values[:first]],
                     "tuple_out": grabbed["tuple_out"],
                 }
     finally:
@@ -243,9 +244,10 @@ def prefill_from_states(
     B, W = input_ids.shape
     P = W - 1
     h0 = states[0]["h"]
-    hs = torch.zeros((B, P, h0.shape[-1]), dtype=h0.dtype, device=h0.device)
-    ks = [torch.zeros((B, *k.shape[:-2], P, k.shape[-1]), dtype=k.dtype, device=k.device) for k in states[0]["k"]]
-    vs = [torch.zeros((B, *v.shape[:-2], P, v.shape[-1]), dtype=v.dtype, device=v.device) for v in states[0]["v"]]
+    dev = input_ids.device
+    hs = torch.zeros((B, P, h0.shape[-1]), dtype=h0.dtype, device=dev)
+    ks = [torch.zeros((B, *k.shape[:-2], P, k.shape[-1]), dtype=k.dtype, device=dev) for k in states[0]["k"]]
+    vs = [torch.zeros((B, *v.shape[:-2], P, v.shape[-1]), dtype=v.dtype, device=dev) for v in states[0]["v"]]
     for r, st in enumerate(states):
         n = st["h"].shape[0]
         if n:
