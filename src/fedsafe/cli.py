@@ -290,7 +290,7 @@ def demo_cmd(
     """The paper's Table 1 in miniature, offline: clean, attacked, robust rules, post-hoc defense, report.
 
     The default tier runs the reference rows, clean and attacked FedAvg, median, the paper's Krum and post-hoc
-    Level 1 (about 31 min on 2 CPU cores from a cold cache); rerun with the same --out to resume."""
+    Level 1 (about 32 min on 2 CPU cores from a cold cache); rerun with the same --out to resume."""
     from .demo import run_demo
 
     if quick and full:
