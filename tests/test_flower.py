@@ -419,6 +419,33 @@ def test_sim_resume_is_checked_before_anything_starts(tmp_path, task_identity):
     assert _sim_processes() == before
 
 
+def test_sim_overwrite_keeps_the_old_run_until_the_new_one_starts(tmp_path, monkeypatch):
+    """`fedsafe flower sim --overwrite` whose Flower never starts gives the old run back, untouched; without
+    --overwrite a non-empty run directory is refused before anything is created."""
+    pytest.importorskip("ray")
+    from fedsafe.flower import sim
+
+    old = tmp_path / "run"
+    old.mkdir()
+    (old / "metrics.jsonl").write_text('{"round": 0}\n')
+    made: list[str] = []
+    real_mkdtemp = sim.tempfile.mkdtemp
+    monkeypatch.setattr(sim.tempfile, "mkdtemp", lambda **k: made.append(real_mkdtemp(**k)) or made[-1])
+    with pytest.raises(FedsafeError, match="already exists and is not empty"):
+        sim.run_flower_sim("tiny", [], old, progress=False)
+
+    def no_superlink(name: str) -> str:
+        raise FedsafeError(f"`{name}` not found")
+
+    monkeypatch.setattr(sim, "flower_bin", no_superlink)
+    with pytest.raises(FedsafeError, match="`flower-superlink` not found"):
+        sim.run_flower_sim("tiny", [], old, progress=False, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no directory left aside
+    assert [p.name for p in old.iterdir()] == ["metrics.jsonl"]
+    assert (old / "metrics.jsonl").read_text() == '{"round": 0}\n'
+    assert made and not any(Path(m).exists() for m in made)  # the private work directories are gone
+
+
 # --------------------------------------------------------------------------------------------- malformed replies
 def _malform(kind: str, good: Message) -> Message | None:
     """A reply to the same instruction as ``good`` but broken in one way (None = no reply)."""
@@ -627,50 +654,6 @@ fl:
   rounds: 2
   sample_clients: 2
 """
-
-
-class Procs:
-    """Processes started by a test, stopped by PID (with their children) at teardown."""
-
-    def __init__(self, tmp: Path):
-        self.tmp = tmp
-        self.procs: list[subprocess.Popen] = []
-        self.homes: set[str] = set()
-
-    def start(self, name: str, cmd: list[str], env: dict) -> subprocess.Popen:
-        log = open(self.tmp / f"{name}.log", "wb")
-        p = subprocess.Popen(cmd, env=env, cwd=self.tmp, stdout=log, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, start_new_session=True)
-        log.close()
-        p.name = name  # type: ignore[attr-defined]
-        self.procs.append(p)
-        self.homes.add(env["FLWR_HOME"])
-        return p
-
-    def log(self, name: str) -> str:
-        p = self.tmp / f"{name}.log"
-        return p.read_text(errors="replace") if p.exists() else ""
-
-    def stop_all(self) -> list[int]:
-        """Stop every started process tree; then anything still carrying one of our FLWR_HOMEs (by PID)."""
-        from fedsafe.flower.sim import stop_env_marked, stop_tree
-
-        for p in reversed(self.procs):
-            stop_tree(p, grace_s=5)
-        return [pid for h in sorted(self.homes) for pid in stop_env_marked(f"FLWR_HOME={h}")]
-
-
-@pytest.fixture
-def procs(tmp_path):
-    ps = Procs(tmp_path)
-    try:
-        yield ps
-    finally:
-        stray = ps.stop_all()
-        leftover = [p.pid for p in ps.procs if p.poll() is None]
-        assert not leftover, f"processes still running: {leftover}"
-        if stray:
-            print(f"stopped {len(stray)} stray process(es) outside the started trees: {stray}")
 
 
 def _bin(name: str) -> str:

@@ -23,23 +23,12 @@ import pytest
 pytest.importorskip("flwr")
 
 import torch  # noqa: E402
-from test_flower import Procs, _sim_processes, adapter, rows  # noqa: E402
+from test_flower import _sim_processes, adapter, rows  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # minutes of live Flower processes each (3 and 7 here): opt-in, so that the default suite stays fast
 FAULTS = pytest.mark.skipif(os.environ.get("FEDSAFE_FAULTS") != "1",
                             reason="minutes of a live Flower federation: set FEDSAFE_FAULTS=1 (see RELIABILITY.md)")
-
-
-@pytest.fixture
-def procs(tmp_path):
-    """Processes a test starts, stopped by PID at teardown (test_flower.Procs)."""
-    ps = Procs(tmp_path)
-    try:
-        yield ps
-    finally:
-        ps.stop_all()
-        assert not [p.pid for p in ps.procs if p.poll() is None], "processes still running"
 
 
 def _env(**extra: str) -> dict[str, str]:

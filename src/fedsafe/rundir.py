@@ -79,11 +79,11 @@ def set_up_run_dir(cfg: RunConfig, run_dir: str | Path | None = None, overwrite:
     target = Path(run_dir) if run_dir is not None else Path(cfg.output_dir)
     created = _first_missing(target)
     # --overwrite replaces the old run only once the new one has started: until then it waits beside it
-    old = _move_aside(target) if overwrite and run_dir is not None else None
+    old = move_aside(target) if overwrite and run_dir is not None else None
     try:
         d = new_run_dir(cfg, run_dir, overwrite)
     except BaseException:
-        _put_back(old, target)
+        put_back(old, target)
         raise
     if created is None and run_dir is None:  # output_dir existed: the stamped directory is new
         created = d
@@ -91,7 +91,7 @@ def set_up_run_dir(cfg: RunConfig, run_dir: str | Path | None = None, overwrite:
         yield d
     except BaseException:
         if old is not None:
-            _put_back(old, d)
+            put_back(old, d)
         elif created is not None:
             shutil.rmtree(created, ignore_errors=True)
         else:
@@ -105,7 +105,7 @@ def set_up_run_dir(cfg: RunConfig, run_dir: str | Path | None = None, overwrite:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _move_aside(d: Path) -> Path | None:
+def move_aside(d: Path) -> Path | None:
     """Rename a non-empty directory ``d`` to a hidden sibling (same file system: an atomic rename) and
     return the new name; None when there is nothing to keep (missing, empty, or not a directory)."""
     if d.is_symlink() or not d.is_dir() or not any(d.iterdir()):
@@ -116,8 +116,8 @@ def _move_aside(d: Path) -> Path | None:
     return aside
 
 
-def _put_back(aside: Path | None, d: Path) -> None:
-    """Undo :func:`_move_aside`: drop what the refused start wrote in ``d`` and restore the old run."""
+def put_back(aside: Path | None, d: Path) -> None:
+    """Undo :func:`move_aside`: drop what the refused start wrote in ``d`` and restore the old run."""
     if aside is None:
         return
     shutil.rmtree(d, ignore_errors=True)

@@ -224,9 +224,10 @@ def run_flower_sim(config: str | None, overrides: list[str] | None = None, run_d
     the config, the simulated federation or the Flower version differ from the run's.
     """
     from ..config import load_config
-    from ..rundir import new_run_dir
+    from ..rundir import move_aside, new_run_dir, put_back
 
     require_flower(simulation=True)
+    aside = None
     overrides = list(overrides or [])
     if resume and run_dir is None:
         raise FedsafeError("--resume needs the run directory to continue")
@@ -249,8 +250,6 @@ def run_flower_sim(config: str | None, overrides: list[str] | None = None, run_d
 
         d = Path(run_dir).resolve()
         check_resume(d, cfg, {"flwr_version": str(flwr.__version__), "federation": federation})
-    else:
-        d = new_run_dir(cfg, run_dir, overwrite=overwrite).resolve()
     os.environ.update(OFFLINE_ENV)  # this process and everything it starts stay offline
     work = Path(tempfile.mkdtemp(prefix="fedsafe-flower-sim-"))
     home = work / "flwr-home"
@@ -261,12 +260,6 @@ def run_flower_sim(config: str | None, overrides: list[str] | None = None, run_d
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
         f'address = "127.0.0.1:{port}"\ninsecure = true\n', encoding="utf-8")
-    run_cfg = work / "run_config.toml"
-    run_cfg.write_text(
-        f"fedsafe-config = {toml_str(source)}\noverrides = {toml_str(join_overrides(overrides))}\n"
-        f"run-dir = {toml_str(str(d))}\nevaluate = {'true' if evaluate else 'false'}\n"
-        f"node-wait-s = {int(node_wait_s)}\nresume = {'true' if resume else 'false'}\n"
-        f"federation = {toml_str(federation)}\n", encoding="utf-8")
     fed_cfg = [f"num_supernodes={cfg.num_clients}", f"client_resources_num_cpus={client_cpus:g}",
                "client_resources_num_gpus=0", *(federation_config or [])]
     link_log = work / "superlink.log"
@@ -274,7 +267,23 @@ def run_flower_sim(config: str | None, overrides: list[str] | None = None, run_d
     link = runner = None
     timed_out: list[bool] = []
     t0 = time.time()
+    if not resume:
+        # --overwrite keeps the old run beside the new directory until Flower has started the new run
+        # (its server app wrote flower.json): a simulation that never starts gives the old one back.
+        aside = move_aside(Path(run_dir)) if overwrite and run_dir is not None else None
+        try:
+            d = new_run_dir(cfg, run_dir).resolve()
+        except BaseException:
+            put_back(aside, Path(run_dir))
+            shutil.rmtree(work, ignore_errors=True)
+            raise
     try:
+        run_cfg = work / "run_config.toml"
+        run_cfg.write_text(
+            f"fedsafe-config = {toml_str(source)}\noverrides = {toml_str(join_overrides(overrides))}\n"
+            f"run-dir = {toml_str(str(d))}\nevaluate = {'true' if evaluate else 'false'}\n"
+            f"node-wait-s = {int(node_wait_s)}\nresume = {'true' if resume else 'false'}\n"
+            f"federation = {toml_str(federation)}\n", encoding="utf-8")
         with open(link_log, "wb") as lf:
             link = subprocess.Popen(
                 [flower_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
@@ -313,6 +322,12 @@ def run_flower_sim(config: str | None, overrides: list[str] | None = None, run_d
         # Ray actors outlive the simulation re-parented away from the SuperLink: find them by our private
         # FLWR_HOME in their environment (FEDSAFE_DEBUG=1 lists them)
         stop_env_marked(f"FLWR_HOME={home}")
+        if aside is not None:
+            if _flower_status(d) is None:  # the new run never started: the old one is the run to keep
+                put_back(aside, d)
+                sim_log.unlink(missing_ok=True)  # its tail is in the error already; keep the old run's log
+            else:
+                shutil.rmtree(aside, ignore_errors=True)
         if sim_log.exists() and d.is_dir():  # a resumed simulation adds its log to the interrupted one's
             with open(sim_log, "rb") as src, open(d / "flower_sim.log", "ab" if resume else "wb") as dst:
                 shutil.copyfileobj(src, dst)
