@@ -118,18 +118,29 @@ NOTES = [
     "by comparing its difference with a bound per index distance; counting each row's slopes under "
     "two thresholds tells whether its median lies below, between or above them, the thresholds "
     "narrow on the remaining rows by interpolation, and the last ~7 rows have their slopes divided "
-    "and selected. At n = 100 on one core ~3.1 us per coordinate (the kernel alone; 3.9 before "
-    "2026-11-30's second pass over it, timed side by side): the first counting pass over all "
-    "n(n-1)/2 pairs ~0.6 us, counting the ~65 rows still in doubt ~0.8 us, the exact rows ~0.3 us, "
-    "choosing thresholds, tables and candidates ~0.7 us, the stable sort with ranks and the rest of "
-    "the rule ~0.6 us. 30x a pass leaves ~1.8 us per coordinate per core. Where that stands: around "
-    "the answer the rows' medians are dense (~13 of 100 rows within ±1% of it on Gaussian columns) "
-    "and no cheap statistic of the sorted column places it closer than ~2-5%, so about two "
-    "counting passes' worth (~1.5 us) is spent before the last rows are divided.",
+    "and selected. At n = 100 on one core ~3.05 us per coordinate (the kernel alone, re-timed idle on "
+    "2026-11-30 19:00): the first counting pass over all n(n-1)/2 pairs ~0.6 us, counting the ~65 "
+    "rows still in doubt ~0.8 us, the exact rows ~0.3 us, choosing thresholds, tables and candidates "
+    "~0.7 us, the stable sort with ranks and the rest of the rule ~0.6 us (that split measured with "
+    "`perf` in session 24). The whole d = 16.8M timed once, not scaled (2 threads, idle, 2026-11-30 "
+    "19:03): 33.0 s, 67x this table's pass, so the scaled row above is ~10% optimistic.",
+    "",
+    "Why 30x stays out of reach for this exact algorithm on this CPU: 30x an idle pass (0.49 s) is "
+    "14.8 s for d = 16.8M, ~1.6 us per coordinate per core at the 1.8x two cores give here. The "
+    "algorithm's floor is the sort with ranks plus one counting pass over all pairs, ~1.2 us, which "
+    "leaves ~0.4 us to place the answer among row medians that crowd around it (~13 of 100 rows "
+    "within ±1% on Gaussian columns) when no cheap statistic of the sorted column places it closer "
+    "than 2-5%. The O(n log n) formulation (row i's slopes under t are inversions of u_j = s_j - t j "
+    "around i: a sort and a Fenwick tree per threshold) takes ~n log2 n = 700 dependent, branching "
+    "scalar steps per threshold at n = 100 against 4,950 / 8 = 620 branch-free 8-wide compares for "
+    "the SIMD count, which also counts two thresholds at once (an estimate from operation counts, "
+    "not measured); it pays only for n in the thousands, and it would need its own exact handling of "
+    "float32 rounding near ties, which the bound tables give the SIMD count. What would reach 30x: "
+    "a GPU, or an approximate repeated median (not the paper's rule).",
     "",
     "The numpy kernel's ratio varies with the load much more than the compiled one's: 9-12x in the "
     "2026-11-26 run of bench_aggregators.py (median 12.1x, median_paper 9.4x, trimmed means 11.4-12.0x, "
-    "load 2.8-3.9), 36-45x here.",
+    "load 2.8-3.9), 15-28x in the 2026-11-30 12:52 run (load 0.9-1.9), 9-21x in this one.",
 ]
 
 

@@ -81,7 +81,13 @@ def main() -> None:
     ap.add_argument("--merge", action="append", default=[], metavar="NAME=JSON",
                     help="take a section's result from a JSON file a script wrote elsewhere (e.g. "
                          "gpu=benchmarks/out/gpu_check.json from a GPU machine) and re-render; runs nothing else")
+    ap.add_argument("--render", action="store_true",
+                    help="only re-render results.md from results.json (after editing a section's note); runs nothing")
     a = ap.parse_args()
+    if a.render:
+        res = json.loads((HERE / "results.json").read_text())
+        (HERE / "results.md").write_text(render(res))
+        return print(f"wrote {HERE / 'results.md'}")
     m = ["--model", a.model]
     args = {"engine": m + (["--repeats", "2"] if a.quick else []),
             "peer": m + (["--rounds", "1"] if a.quick else []),
@@ -195,6 +201,8 @@ def render(res: dict) -> str:
         when = (rec.get("machine") or {}).get("date")
         if when and when != mach["date"]:
             lines += [f"Measured {when}.", ""]
+        if rec.get("note"):  # what the numbers alone do not say (the load, a peer that changed), kept in results.json
+            lines += [rec["note"], ""]
         if rec.get("ok") and rec.get("result") is not None:
             fn = SECTION_MD.get(name)
             lines += fn(rec["result"]) if fn else _module_md(name, rec["result"])

@@ -19,6 +19,9 @@ def test_committed_results_render_every_section():
     for title in run_all.TITLES.values():
         assert f"## {title}" in md
     assert "failed:" not in md
+    # results.md is exactly what results.json renders to, notes included: a hand edit of the page would be lost
+    # on the next run_all.py (edit the section's "note" in results.json, then `run_all.py --render`)
+    assert md == (BENCH / "results.md").read_text()
 
 
 def test_batched_clients_bench_runs_on_tiny(tmp_path):
