@@ -66,6 +66,7 @@ TITLES = {
     "aggregators": "Aggregation",
     "coordinatewise": "Coordinate-wise rules: compiled kernel vs numpy, n = 100, d = 16.8M",
     "clients": "Scale in clients: K = 10, 100, 1,000 with m = 10 per round",
+    "flower_sim": "Scale in clients on Flower's Simulation Engine: K = 10 and 100 simulated SuperNodes",
     "gpu": "GPU check (CUDA)",
 }
 SCRIPTS = {"gpu": "gpu_check"}  # sections whose script is not bench_<name>.py
@@ -96,7 +97,8 @@ def main() -> None:
             "batched": m + (["--clients", "3", "--repeats", "1", "--threads", "1"] if a.quick else []),
             "aggregators": ["--quick"] if a.quick else [],
             "coordinatewise": ["--d", "2097152", "--residual-d", "32768"] if a.quick else [],
-            "clients": ["--clients", "10,100", "--rounds", "6"] if a.quick else [], "gpu": []}
+            "clients": ["--clients", "10,100", "--rounds", "6"] if a.quick else [],
+            "flower_sim": ["--clients", "10,20", "--rounds", "3"] if a.quick else [], "gpu": []}
     if a.merge:
         return _merge(a.merge)
     import torch

@@ -99,3 +99,16 @@ def test_coordinatewise_bench_runs_small(tmp_path):
     finally:
         sys.path.pop(0)
     assert any(line.startswith("| residual (timed on d = 700, scaled) |") for line in bench_coordinatewise.render(res))
+
+
+def test_flower_sim_bench_renders_ratios_to_the_smallest_k():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_flower_sim
+    finally:
+        sys.path.pop(0)
+    row = {"rounds": 3, "wall_s": 40.0, "first_round_s": 9.0, "server_s_median": 0.01, "peak_processes": 16, "load_after": 1.0}
+    res = {"meta": {"rounds": 3, "cpus": 2}, "rows": [{**row, "clients": 10, "round_s_median": 0.25, "peak_pss_mb": 2000},
+                                                     {**row, "clients": 100, "round_s_median": 0.5, "peak_pss_mb": 2200}]}
+    md = "\n".join(bench_flower_sim.render(res))
+    assert "| 100 | 40.0 | 0.50 | 2.00 | 9.00 | 0.010 | 2,200 | 1.10 | 16 | 1.0 |" in md
