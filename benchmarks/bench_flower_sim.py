@@ -1,7 +1,7 @@
-"""Scale in clients on Flower's Simulation Engine: `fedsafe flower sim` of the tiny model with K = 10 and
-100 simulated SuperNodes, m = 10 clients per round.
+"""Scale in clients on Flower's Simulation Engine: `fedsafe flower sim` of the tiny model with K = 10, 100
+and 1,000 simulated SuperNodes, m = 10 clients per round.
 
-    python benchmarks/bench_flower_sim.py [--clients 10,100] [--rounds 6] [--json OUT]
+    python benchmarks/bench_flower_sim.py [--clients 10,100,1000] [--rounds 12] [--json OUT]
 
 Not a test. Each K is one ``fedsafe flower sim tiny ... --no-eval`` subprocess on the same synthetic data and
 overrides as ``bench_clients.py`` (K x 8 unique records, 30% of the clients malicious, stratified sampling,
@@ -87,7 +87,7 @@ def run_one(k: int, data: Path, rounds: int, work: Path) -> dict:
     later = rows[1:] or rows
     return {"clients": k, "rounds": len(rows), "wall_s": round(wall, 1),
             "round_s_median": round(statistics.median(r["round_seconds"] for r in later), 3),
-            "first_round_s": rows[0]["round_seconds"],
+            "first_round_s": rows[0]["round_seconds"], "round_s": [r["round_seconds"] for r in rows],
             "server_s_median": round(statistics.median(r.get("seconds", 0.0) for r in later), 4),
             "peak_pss_mb": round(peak["pss_mb"]), "peak_processes": peak["processes"],
             "load_after": round(os.getloadavg()[0], 1)}
@@ -114,8 +114,8 @@ def render(result: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--clients", default="10,100", help="comma-separated K values (default 10,100)")
-    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--clients", default="10,100,1000", help="comma-separated K values (default 10,100,1000)")
+    ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--json", metavar="OUT")
     a = ap.parse_args(argv)
     ks = [int(x) for x in a.clients.split(",")]

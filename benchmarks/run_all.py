@@ -66,7 +66,7 @@ TITLES = {
     "aggregators": "Aggregation",
     "coordinatewise": "Coordinate-wise rules: compiled kernel vs numpy, n = 100, d = 16.8M",
     "clients": "Scale in clients: K = 10, 100, 1,000 with m = 10 per round",
-    "flower_sim": "Scale in clients on Flower's Simulation Engine: K = 10 and 100 simulated SuperNodes",
+    "flower_sim": "Scale in clients on Flower's Simulation Engine: K = 10, 100 and 1,000 simulated SuperNodes",
     "gpu": "GPU check (CUDA)",
 }
 SCRIPTS = {"gpu": "gpu_check"}  # sections whose script is not bench_<name>.py
