@@ -62,6 +62,7 @@ def child(k: int, data: str, rounds: int, variant: str, run_dir: str) -> None:
     import torch
 
     from fedsafe import cli
+    from fedsafe.fl import checkpoint
     from fedsafe.fl.engine import Engine
 
     torch.set_num_threads(1)
@@ -91,7 +92,7 @@ def child(k: int, data: str, rounds: int, variant: str, run_dir: str) -> None:
         raise SystemExit(rc)
     other = [r - c for r, c in zip(rounds_s, client_s[1:])]
     other_cpu = [r - c for r, c in zip(rounds_cpu, client_cpu[1:])]
-    ck = sorted((Path(run_dir) / "checkpoints").glob("round_*.pt"))
+    ck = sorted((Path(run_dir) / "checkpoints").glob(f"round_*{checkpoint.SUFFIX}"))  # the newest round's
     print(json.dumps({"k": k, "variant": variant, "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "round_s": rounds_s, "client_s": client_s[1:], "other_s": other,
                       "other_s_median": statistics.median(other[1:]),

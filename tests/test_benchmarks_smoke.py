@@ -112,3 +112,13 @@ def test_flower_sim_bench_renders_ratios_to_the_smallest_k():
                                                      {**row, "clients": 100, "round_s_median": 0.5, "peak_pss_mb": 2200}]}
     md = "\n".join(bench_flower_sim.render(res))
     assert "| 100 | 40.0 | 0.50 | 2.00 | 9.00 | 0.010 | 2,200 | 1.10 | 16 | 1.0 |" in md
+
+
+def test_clients_bench_runs_small(tmp_path):
+    out = tmp_path / "k.json"
+    p = subprocess.run([sys.executable, str(BENCH / "bench_clients.py"), "--clients", "10,12", "--rounds", "3",
+                        "--variants", "fedavg,scaffold", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["k"], r["variant"]) for r in rows} == {(10, "fedavg"), (10, "scaffold"), (12, "fedavg"), (12, "scaffold")}
+    assert all(r["checkpoint_bytes"] > 0 and r["maxrss_mb"] > 0 for r in rows)  # the newest checkpoint was found
