@@ -161,7 +161,7 @@ def render(res: dict) -> list[str]:
               "seconds, the steadier figure while other processes load the machine. Per-client state "
               "(SCAFFOLD's c_i, kept AdamW states) is written to `client_state/` for the clients that trained and "
               f"read back when they are sampled again. 1-min load average {load['start']:.1f} -> {load['end']:.1f} "
-              f"on {res['machine']['cpus']} CPUs; {res.get('parallel', 1)} children at a time"
+              f"on {res['machine']['cpus']} CPUs; {res.get('parallel', 1)} child process(es) at a time"
               + (" (so the wall column measures waiting for the other processes, not the engine: judge by CPU)"
                  if res.get("parallel", 1) > 1 else "") + ".", ""]
     return lines
