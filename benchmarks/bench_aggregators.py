@@ -51,7 +51,7 @@ TARGET_RATIO = 3.0
 # Which baseline each rule is compared with; every other rule is compared with one pass.
 DISTANCE = {
     "krum", "multi_krum", "krum_paper", "bulyan", "geometric_median",
-    "foolsgold", "foolsgold_paper", "forensics",
+    "foolsgold", "foolsgold_paper", "forensics", "flame",  # FLAME: cosine distances from the Gram matrix
 }  # fmt: skip
 
 # residual does ~n^2 work per coordinate: above this many slope evaluations (n^2 d) it is
@@ -77,10 +77,10 @@ WHY_SLOW = {
     "residual": (
         "O(n^2) compares per coordinate: since 2026-11-30 the whole rule is compiled "
         "(`_residual.c`) with an exact repeated median that counts slopes under thresholds "
-        "instead of dividing and sorting them (~3.7 us per coordinate at n = 100 on one core, "
-        "was ~22); its first counting pass over the n(n-1)/2 pairs, the stable sort with ranks "
-        "and the rest of the rule alone take most of the ~1.8 us per coordinate per core that "
-        "30x allows (see `bench_coordinatewise.py`)"
+        "instead of dividing and sorting them (~3.05 us per coordinate at n = 100 on one core, "
+        "was ~22); the stable sort with ranks and one counting pass over the n(n-1)/2 pairs alone "
+        "take ~1.2 of the ~1.6 us per coordinate per core that 30x an idle pass allows (see "
+        "`bench_coordinatewise.py`)"
     ),
     "two_pass": (
         "two dependent passes over the data (per-client norms, dots or distances, then the "
