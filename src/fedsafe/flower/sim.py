@@ -272,7 +272,7 @@ def run_flower_sim(config: str | None, overrides: list[str] | None = None, run_d
         # (its server app wrote flower.json): a simulation that never starts gives the old one back.
         aside = move_aside(Path(run_dir)) if overwrite and run_dir is not None else None
         try:
-            d = new_run_dir(cfg, run_dir).resolve()
+            d = new_run_dir(cfg, run_dir, overwrite).resolve()  # as rundir.set_up_run_dir does
         except BaseException:
             put_back(aside, Path(run_dir))
             shutil.rmtree(work, ignore_errors=True)
