@@ -20,6 +20,7 @@ Issue 19 asks for 100 SuperNodes "if the machine allows; say what limits it": th
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -32,8 +33,7 @@ from pathlib import Path
 
 from bench_clients import PER_CLIENT, overrides, write_data
 
-MARK = b"fedsafe-flower-sim-"  # in FLWR_HOME of every process a `fedsafe flower sim` starts
-
+from fedsafe.flower.sim import processes_with_env
 
 def _pss_kb(pid: int) -> int:
     try:
@@ -45,24 +45,13 @@ def _pss_kb(pid: int) -> int:
     return 0
 
 
-def _sim_pids(root: int) -> set[int]:
-    """The CLI process and every live process carrying a simulation's private FLWR_HOME."""
-    out = {root}
-    for e in os.listdir("/proc"):
-        if e.isdigit():
-            try:
-                if MARK in Path(f"/proc/{e}/environ").read_bytes():
-                    out.add(int(e))
-            except OSError:
-                continue
-    return out
-
-
 def run_one(k: int, data: Path, rounds: int, work: Path) -> dict:
     run_dir = work / f"sim-k{k}"
     cmd = [sys.executable, "-m", "fedsafe.cli", "flower", "sim", "tiny", *overrides(k, data, rounds, "fedavg"),
            "--run-dir", str(run_dir), "--no-eval", "-q", "--timeout", "1800"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # every process of this simulation (Ray daemons re-parent away from the CLI) inherits this marker
+    mark = f"FEDSAFE_BENCH_SIM={os.getpid()}-{k}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **dict([mark.split("=", 1)])}
     peak = {"pss_mb": 0.0, "processes": 0}
     done = threading.Event()
     t0 = time.perf_counter()
@@ -70,7 +59,7 @@ def run_one(k: int, data: Path, rounds: int, work: Path) -> dict:
 
     def sample() -> None:
         while not done.wait(0.5):
-            pids = _sim_pids(proc.pid)
+            pids = {proc.pid, *processes_with_env(mark)}
             peak["pss_mb"] = max(peak["pss_mb"], sum(_pss_kb(p) for p in pids) / 1024)
             peak["processes"] = max(peak["processes"], len(pids))
 
@@ -118,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--json", metavar="OUT")
     a = ap.parse_args(argv)
+    missing = [m for m in ("flwr", "ray") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"bench_flower_sim.py needs {' and '.join(missing)}: pip install -e \".[flower]\" \"flwr[simulation]\"",
+              file=sys.stderr)
+        return 2
     ks = [int(x) for x in a.clients.split(",")]
     with tempfile.TemporaryDirectory(prefix="bench-flower-sim-") as tmp:
         work = Path(tmp)
